@@ -22,7 +22,7 @@ def tiny_tokenizer() -> CLIPTokenizer:
     vocab.update({"<|startoftext|>": 2 * len(symbols), "<|endoftext|>": 2 * len(symbols) + 1})
     assert len(vocab) == TINY_VOCAB_SIZE
     # No merges: every word is spelt byte by byte, which is all a randomly initialised text tower needs.
-    return CLIPTokenizer(vocab=vocab, merges=[])
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
 def main() -> None:
