@@ -26,7 +26,6 @@ from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
     CLIPConfig,
-    CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     PreTrainedModel,

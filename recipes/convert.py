@@ -14,8 +14,8 @@ from pathlib import Path
 
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
-from transformers import HfArgumentParser
 
+from hf_clip_aft.cli import parse_args
 from hf_clip_aft.convert import convert_open_clip_visual
 from hf_clip_aft.export import export_clip
 
@@ -52,13 +52,13 @@ def download_open_clip_checkpoint(repo_id: str, filename: str | None = None) -> 
 
 def main(argv: list[str] | None = None) -> Path:
     """Convert the checkpoint and write the `CLIPModel` folder; returns its path."""
-    (args,) = HfArgumentParser(ConvertArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = parse_args((ConvertArguments,), argv)
     if (args.checkpoint is None) == (args.hub_checkpoint is None):
         raise ValueError("Give exactly one of --checkpoint (a local file) and --hub_checkpoint (a Hub repo id).")
     path = args.checkpoint or download_open_clip_checkpoint(args.hub_checkpoint, args.hub_filename)
     vision = convert_open_clip_visual(path, args.base)
     output = export_clip(vision, args.base, args.output)
-    print(f"wrote {output}")
+    print(f'Wrote {output}. Load it with plain transformers: CLIPModel.from_pretrained("{output}")')
     return output
 
 

@@ -12,8 +12,7 @@ from transformers import CLIPModel, CLIPProcessor
 from hf_clip_aft.convert import convert_open_clip_visual
 from hf_clip_aft.model_configs import clip_config
 
-ROOT = Path(__file__).parents[1]
-TINY_CLIP = ROOT / "hf_clip_aft" / "assets" / "tiny-clip"
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "convert.py"
 VISION = clip_config("tiny").vision_config
 LN_EPS = 1e-5
 
@@ -111,8 +110,8 @@ def image_embeds(model, pixels: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("base", ["config", "model", "path"])
-def test_converted_model_matches_openai_forward(state, pixels, expected, base):
-    base = {"config": clip_config("tiny"), "model": CLIPModel(clip_config("tiny")), "path": str(TINY_CLIP)}[base]
+def test_converted_model_matches_openai_forward(state, pixels, expected, tiny_clip_path, base):
+    base = {"config": clip_config("tiny"), "model": CLIPModel(clip_config("tiny")), "path": tiny_clip_path}[base]
     model = convert_open_clip_visual(state, base)
     torch.testing.assert_close(image_embeds(model, pixels), expected, atol=1e-5, rtol=1e-5)
 
@@ -186,16 +185,18 @@ def test_unmapped_and_missing_keys_are_refused(state):
         convert_open_clip_visual(no_projection, clip_config("tiny"))
 
 
-def test_recipe_writes_a_clip_folder_with_the_converted_vision_tower(state, pixels, expected, tmp_path):
+def test_recipe_writes_a_clip_folder_with_the_converted_vision_tower(
+    state, pixels, expected, tiny_clip_path, tmp_path
+):
     torch.save(state, tmp_path / "aft_tiny.pt")
-    main = runpy.run_path(str(ROOT / "recipes" / "convert.py"))["main"]
-    argv = ["--checkpoint", str(tmp_path / "aft_tiny.pt"), "--base", str(TINY_CLIP), "--output", str(tmp_path / "out")]
+    main = runpy.run_path(str(RECIPE))["main"]
+    argv = ["--checkpoint", str(tmp_path / "aft_tiny.pt"), "--base", tiny_clip_path, "--output", str(tmp_path / "out")]
     output = main(argv)
-    clip, base = CLIPModel.from_pretrained(output), CLIPModel.from_pretrained(TINY_CLIP)
+    clip, base = CLIPModel.from_pretrained(output), CLIPModel.from_pretrained(tiny_clip_path)
     with torch.no_grad():
         torch.testing.assert_close(clip.get_image_features(pixel_values=pixels).pooler_output, expected)
     for name, tensor in base.text_model.state_dict().items():
         assert torch.equal(clip.text_model.state_dict()[name], tensor), name
     CLIPProcessor.from_pretrained(output)
     with pytest.raises(ValueError, match="exactly one of --checkpoint"):
-        main(["--base", str(TINY_CLIP), "--output", str(tmp_path / "none")])
+        main(["--base", tiny_clip_path, "--output", str(tmp_path / "none")])

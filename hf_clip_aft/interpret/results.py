@@ -1,0 +1,172 @@
+"""The evaluation results file (``results.json``): its schema, a validator, a loader, and the markdown summary.
+
+Schema ``hf_clip_aft.eval/v1`` (read by the model-card renderer; change it only with a new version string)::
+
+    {
+      "schema": "hf_clip_aft.eval/v1",
+      "dataset": {"name": str, "config": str | null, "split": str, "num_images": int},
+      "models": [str, ...],          # in the order given on the command line; the last is usually the AFT model
+      "settings": {"seed": int, "limit": int | null, "metrics": [str, ...], "methods": [str, ...], ...},
+      "results": [
+        {"model": str, "task": str, "metric": str, "method": str | null, "value": float, "settings": {...}},
+        ...
+      ]
+    }
+
+``task`` is ``zero-shot-image-classification`` for accuracy metrics (``method`` null) and ``saliency`` for metrics
+of saliency maps (``method`` one of :data:`hf_clip_aft.interpret.saliency.SALIENCY_METHODS`). Every ``model`` of a
+result is one of ``models``. A result's ``settings`` holds what that number depends on beyond the top-level
+settings (e.g. ``{"eps": 4}`` for robust accuracy, ``{"fraction": 0.3}`` for a ROAR point) and ``num_images``, the
+number of images averaged. :data:`METRICS` lists the metric names and which direction is better.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMA = "hf_clip_aft.eval/v1"
+TASK_ZERO_SHOT = "zero-shot-image-classification"
+TASK_SALIENCY = "saliency"
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    task: str
+    higher_is_better: bool
+    description: str
+
+
+METRICS: dict[str, MetricInfo] = {
+    "accuracy": MetricInfo(TASK_ZERO_SHOT, True, "zero-shot top-1 accuracy, prompt ensemble"),
+    "robust_accuracy": MetricInfo(TASK_ZERO_SHOT, True, "zero-shot top-1 accuracy under L∞ PGD of radius eps/255"),
+    "gini": MetricInfo(TASK_SALIENCY, True, "Gini index of the map (sparsity; uniform map = 0)"),
+    "pointing_game": MetricInfo(TASK_SALIENCY, True, "share of maps whose maximum lies on the object mask"),
+    "energy_pointing_game": MetricInfo(TASK_SALIENCY, True, "share of the map's mass on the object mask"),
+    "top_k_iou": MetricInfo(TASK_SALIENCY, True, "IoU of the map's top-k% pixels with the object mask"),
+    "deletion_auc": MetricInfo(TASK_SALIENCY, False, "AUC of class similarity as top pixels are deleted"),
+    "insertion_auc": MetricInfo(TASK_SALIENCY, True, "AUC of class similarity as top pixels are inserted"),
+    "roar_accuracy": MetricInfo(TASK_SALIENCY, False, "linear-probe accuracy after removing the top-k% pixels"),
+}
+# Result settings that distinguish rows of the summary table (one row per value).
+ROW_SETTINGS = ("eps", "fraction")
+
+
+def _require(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"Invalid {SCHEMA} results at {where}: {message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_results(results: dict[str, Any]) -> None:
+    """Raise `ValueError` naming the first field of `results` that breaks the schema (see the module docstring)."""
+    _require(isinstance(results, dict), "top level", f"expected an object, got {type(results).__name__}")
+    expected = {"schema", "dataset", "models", "settings", "results"}
+    _require(set(results) == expected, "top level", f"keys {sorted(results)} != {sorted(expected)}")
+    _require(results["schema"] == SCHEMA, "schema", f"{results['schema']!r} is not {SCHEMA!r}")
+
+    dataset = results["dataset"]
+    _require(isinstance(dataset, dict), "dataset", "expected an object")
+    _require(set(dataset) == {"name", "config", "split", "num_images"}, "dataset", f"keys {sorted(dataset)}")
+    _require(isinstance(dataset["name"], str), "dataset.name", "expected a string")
+    _require(dataset["config"] is None or isinstance(dataset["config"], str), "dataset.config", "string or null")
+    _require(isinstance(dataset["split"], str), "dataset.split", "expected a string")
+    _require(_is_int(dataset["num_images"]) and dataset["num_images"] >= 0, "dataset.num_images", "int >= 0")
+
+    models = results["models"]
+    _require(isinstance(models, list) and models, "models", "expected a non-empty list")
+    _require(all(isinstance(m, str) for m in models), "models", "every model must be a string")
+
+    settings = results["settings"]
+    _require(isinstance(settings, dict), "settings", "expected an object")
+    for key in ("seed", "limit", "metrics", "methods"):
+        _require(key in settings, "settings", f"missing {key!r}")
+    _require(_is_int(settings["seed"]), "settings.seed", "expected an int")
+    _require(settings["limit"] is None or _is_int(settings["limit"]), "settings.limit", "int or null")
+    for key in ("metrics", "methods"):
+        value = settings[key]
+        _require(isinstance(value, list) and all(isinstance(v, str) for v in value), f"settings.{key}", "list of str")
+
+    _require(isinstance(results["results"], list), "results", "expected a list")
+    keys = {"model", "task", "metric", "method", "value", "settings"}
+    for i, entry in enumerate(results["results"]):
+        where = f"results[{i}]"
+        _require(isinstance(entry, dict) and set(entry) == keys, where, f"expected exactly the keys {sorted(keys)}")
+        _require(entry["model"] in models, f"{where}.model", f"{entry['model']!r} is not one of models")
+        _require(entry["task"] in (TASK_ZERO_SHOT, TASK_SALIENCY), f"{where}.task", f"unknown task {entry['task']!r}")
+        _require(isinstance(entry["metric"], str), f"{where}.metric", "expected a string")
+        if entry["task"] == TASK_ZERO_SHOT:
+            _require(entry["method"] is None, f"{where}.method", "must be null for zero-shot metrics")
+        else:
+            _require(isinstance(entry["method"], str), f"{where}.method", "a saliency metric needs a method")
+        value = entry["value"]
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}.value", "expected a number")
+        _require(math.isfinite(value), f"{where}.value", f"{value} is not finite")
+        _require(isinstance(entry["settings"], dict), f"{where}.settings", "expected an object")
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a ``results.json`` file (or the ``results.json`` inside a folder)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "results.json")
+    with open(path, encoding="utf-8") as f:
+        results = json.load(f)
+    validate_results(results)
+    return results
+
+
+def save_results(results: dict[str, Any], path: str | os.PathLike) -> None:
+    """Validate `results` and write them as indented JSON (the file is only written when valid)."""
+    validate_results(results)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+
+
+def _model_label(model: str) -> str:
+    return os.path.basename(os.path.normpath(model)) or model
+
+
+def _row_key(entry: dict[str, Any]) -> tuple:
+    extras = tuple((key, entry["settings"][key]) for key in ROW_SETTINGS if key in entry["settings"])
+    return entry["metric"], entry["method"], extras
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    """A markdown report: one row per metric (and method), one column per model, plus last − first when 2+ models."""
+    validate_results(results)
+    models = results["models"]
+    dataset = results["dataset"]
+    config = f" ({dataset['config']})" if dataset["config"] else ""
+    lines = [
+        f"# Evaluation on {dataset['name']}{config}, split {dataset['split']}, {dataset['num_images']} images",
+        "",
+        "Models: " + ", ".join(f"`{m}`" for m in models) + ". ↑: higher is better, ↓: lower is better.",
+        "",
+    ]
+    table: dict[tuple, dict[str, float]] = {}
+    for entry in results["results"]:
+        table.setdefault(_row_key(entry), {})[entry["model"]] = entry["value"]
+    header = ["metric", "method", *(f"`{_model_label(m)}`" for m in models)]
+    if len(models) > 1:
+        header.append(f"Δ (`{_model_label(models[-1])}` − `{_model_label(models[0])}`)")
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (metric, method, extras), values in table.items():
+        info = METRICS.get(metric)
+        arrow = "" if info is None else (" ↑" if info.higher_is_better else " ↓")
+        name = metric + "".join(f", {key}={value}" for key, value in extras) + arrow
+        cells = [name, method or "–", *(f"{values[m]:.4f}" if m in values else "–" for m in models)]
+        if len(models) > 1:
+            first, last = values.get(models[0]), values.get(models[-1])
+            cells.append("–" if first is None or last is None else f"{last - first:+.4f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = results["settings"].get("notes", [])
+    if notes:
+        lines += ["", "Notes:", *(f"- {note}" for note in notes)]
+    return "\n".join(lines) + "\n"
