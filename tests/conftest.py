@@ -1,6 +1,9 @@
 """Shared fixtures: the shipped tiny CLIP and demo photos, so every test runs offline in seconds."""
 
+import os
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub: everything they load ships in the repo
 
 import datasets
 import pytest
