@@ -1,0 +1,61 @@
+"""Images -> pixels: modes, ranges, processor geometry, column detection, streaming."""
+
+import datasets
+import pytest
+import torch
+from PIL import Image
+
+from hf_clip_aft.data import AFTDataCollator, find_image_column, images_to_pixels, load_image_dataset, open_image
+from conftest import PHOTOS
+
+
+def test_every_pil_mode_becomes_rgb_pixels_in_unit_range(tiny_processor):
+    images = [Image.new(mode, (80, 120), 1) for mode in ("1", "L", "P", "RGBA", "CMYK", "I;16")]
+    pixels = images_to_pixels(images, tiny_processor.image_processor)
+    assert pixels.shape == (6, 3, 64, 64) and pixels.dtype == torch.float32
+    assert pixels.min() >= 0 and pixels.max() <= 1
+
+
+def test_pixels_are_the_processor_output_without_normalisation(tiny_processor, photos_dataset):
+    images = photos_dataset["image"][:2]
+    ours = images_to_pixels(images, tiny_processor.image_processor)
+    processed = tiny_processor.image_processor(images=[im.convert("RGB") for im in images], return_tensors="pt")
+    mean = torch.tensor(tiny_processor.image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(tiny_processor.image_processor.image_std).view(1, 3, 1, 1)
+    torch.testing.assert_close((ours - mean) / std, processed["pixel_values"], atol=1e-5, rtol=1e-5)
+
+
+def test_photos_include_greyscale_and_bilevel_files(photos_dataset):
+    modes = {image.mode for image in photos_dataset["image"]}
+    assert {"L", "1"} <= modes  # the demo exercises the RGB conversion
+
+
+def test_image_column_is_found_by_type_or_refused_by_name():
+    features = datasets.Features({"caption": datasets.Value("string"), "img": datasets.Image()})
+    assert find_image_column(features) == "img"
+    with pytest.raises(ValueError, match="image_column='picture'"):
+        find_image_column(features, "picture")
+    with pytest.raises(ValueError, match="No column of type Image"):
+        find_image_column(datasets.Features({"caption": datasets.Value("string")}))
+
+
+def test_collator_skips_what_it_cannot_decode(tiny_processor, tmp_path):
+    good = tmp_path / "good.png"
+    Image.new("RGB", (70, 70), (255, 0, 0)).save(good)
+    collate = AFTDataCollator(tiny_processor.image_processor, label_column="label")
+    batch = collate([
+        {"image": {"path": str(good), "bytes": None}, "label": 3},
+        {"image": {"path": None, "bytes": b"garbage"}, "label": 5},
+    ])
+    assert batch["pixel_values"].shape == (1, 3, 64, 64)
+    assert batch["num_skipped"].item() == 1 and batch["labels"].tolist() == [3]
+    with pytest.raises(RuntimeError, match="Every image of a batch of 1"):
+        collate([{"image": {"path": None, "bytes": b"garbage"}, "label": 0}])
+
+
+def test_local_folder_loads_with_class_names_and_streams():
+    dataset = load_image_dataset(PHOTOS)
+    assert dataset.num_rows == 8 and "cat" in dataset.features["label"].names
+    streamed = load_image_dataset(PHOTOS, streaming=True)
+    first = next(iter(streamed))
+    assert open_image(first["image"]).mode == "RGB"
