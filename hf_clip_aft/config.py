@@ -123,8 +123,3 @@ class AFTConfig(TrainingArguments):
                 self.attack_eps,
             )
         super().__post_init__()
-
-    @property
-    def attack_enabled(self) -> bool:
-        """Whether the inner maximisation runs (ε > 0 and K > 0)."""
-        return self.attack_eps > 0 and self.attack_steps > 0

@@ -88,7 +88,7 @@ def images_to_pixels(images: Sequence[Image.Image], image_processor) -> torch.Te
 
 
 class AFTDataCollator:
-    """Batches examples into ``{"pixel_values", "num_skipped"[, "labels"]}``.
+    """Batches examples into ``{"pixel_values", "num_skipped"[, "labels"]}``, all with one row per kept image.
 
     An image that cannot be decoded is skipped and counted (``num_skipped``), so one corrupt file does not end a
     long run; the trainer logs the running total as ``skipped_images``.
@@ -113,10 +113,11 @@ class AFTDataCollator:
                 labels.append(int(example[self.label_column]))
         if not images:
             raise RuntimeError(f"Every image of a batch of {len(examples)} failed to decode; check the dataset.")
-        batch = {
-            "pixel_values": images_to_pixels(images, self.image_processor),
-            "num_skipped": torch.tensor(len(examples) - len(images)),
-        }
+        # The count rides along as a per-row tensor (its sum is the count) because Accelerate concatenates and
+        # slices batches along the first dimension when it dispatches them, which a scalar cannot survive.
+        num_skipped = torch.zeros(len(images))
+        num_skipped[0] = len(examples) - len(images)
+        batch = {"pixel_values": images_to_pixels(images, self.image_processor), "num_skipped": num_skipped}
         if self.label_column is not None:
             batch["labels"] = torch.tensor(labels)
         return batch

@@ -232,7 +232,7 @@ class AFTTrainer(Trainer):
     ):
         pixels = inputs["pixel_values"]
         if "num_skipped" in inputs:
-            self._metrics["skipped_images"].append(inputs["num_skipped"].float())
+            self._metrics["skipped_images"].append(inputs["num_skipped"].sum())
         target = self.reference_embeds(model, pixels)
 
         attack_model = self._forward_model(model)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_clip_aft.data import AFTDataCollator, find_image_column, images_to_pixels, load_image_dataset, open_image
+from hf_clip_aft.data import AFTDataCollator, find_image_column, images_to_pixels, load_image_dataset
 from conftest import PHOTOS
 
 
@@ -48,14 +48,22 @@ def test_collator_skips_what_it_cannot_decode(tiny_processor, tmp_path):
         {"image": {"path": None, "bytes": b"garbage"}, "label": 5},
     ])
     assert batch["pixel_values"].shape == (1, 3, 64, 64)
-    assert batch["num_skipped"].item() == 1 and batch["labels"].tolist() == [3]
+    assert batch["num_skipped"].sum().item() == 1 and batch["labels"].tolist() == [3]
     with pytest.raises(RuntimeError, match="Every image of a batch of 1"):
         collate([{"image": {"path": None, "bytes": b"garbage"}, "label": 0}])
 
 
-def test_local_folder_loads_with_class_names_and_streams():
+def test_local_folder_loads_with_class_names(tiny_processor):
     dataset = load_image_dataset(PHOTOS)
     assert dataset.num_rows == 8 and "cat" in dataset.features["label"].names
+
+
+def test_streaming_dataset_trains(tmp_path, tiny_clip_path):
+    from hf_clip_aft import AFTConfig, AFTTrainer
+
     streamed = load_image_dataset(PHOTOS, streaming=True)
-    first = next(iter(streamed))
-    assert open_image(first["image"]).mode == "RGB"
+    args = AFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=3, use_cpu=True,
+                     report_to="none", save_strategy="no", logging_steps=1, attack_steps=1)
+    trainer = AFTTrainer(tiny_clip_path, args=args, train_dataset=streamed)
+    trainer.train()
+    assert trainer.state.global_step == 3 and trainer.state.log_history[0]["skipped_images"] == 0
