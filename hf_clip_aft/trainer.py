@@ -179,7 +179,8 @@ class AFTTrainer(Trainer):
         )
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
-        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        # Per mode ("train" / "eval"), per metric: the values of the micro-batches since the last log.
+        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._skipped_total = 0
 
     @staticmethod
@@ -231,8 +232,9 @@ class AFTTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         pixels = inputs["pixel_values"]
+        metrics = self._metrics["train" if model.training else "eval"]
         if "num_skipped" in inputs:
-            self._metrics["skipped_images"].append(inputs["num_skipped"].sum())
+            metrics["skipped_images"].append(inputs["num_skipped"].sum())
         target = self.reference_embeds(model, pixels)
 
         attack_model = self._forward_model(model)
@@ -250,16 +252,23 @@ class AFTTrainer(Trainer):
         if w > 0:
             clean_embeds = self._embed(model, pixels)
             loss = w * fare_loss(clean_embeds, target) + (1 - w) * loss
-            self._metrics["cos_sim_clean"].append(mean_cosine_similarity(clean_embeds.detach(), target))
-        elif self._logging_next_step():
-            # Only for the log: one forward without graph on the steps that get logged.
+            metrics["cos_sim_clean"].append(mean_cosine_similarity(clean_embeds.detach(), target))
+        elif not model.training or self._logging_next_step():
+            # Only for the log: one forward without graph, on evaluation and on the training steps that get logged.
             with torch.no_grad():
                 clean_embeds = self._embed(model, pixels)
-            self._metrics["cos_sim_clean"].append(mean_cosine_similarity(clean_embeds, target))
+            metrics["cos_sim_clean"].append(mean_cosine_similarity(clean_embeds, target))
 
-        self._metrics["attack_loss"].append(attack_loss.detach())
-        self._metrics["cos_sim_adv"].append(mean_cosine_similarity(adv_embeds.detach(), target))
+        metrics["attack_loss"].append(attack_loss.detach())
+        metrics["cos_sim_adv"].append(mean_cosine_similarity(adv_embeds.detach(), target))
         return (loss, {"image_embeds": adv_embeds}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation is the AFT loss itself (attack included): there are no labels or logits to predict."""
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
     def _logging_next_step(self) -> bool:
         """Whether the optimiser step in progress will be logged (the flow callback's rule)."""
@@ -268,15 +277,18 @@ class AFTTrainer(Trainer):
         return step % logging_steps == 0 or (step == 1 and self.args.logging_first_step)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._metrics:
-            for key, values in self._metrics.items():
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        metrics = self._metrics[mode]
+        if metrics:
+            for key, values in metrics.items():
                 if key == "skipped_images":
                     # A running total over the whole run and every rank.
                     self._skipped_total += int(self.accelerator.reduce(torch.stack(values).sum(), "sum").item())
-                    logs[key] = self._skipped_total
+                    logs[prefix + key] = self._skipped_total
                 else:
-                    logs[key] = self.accelerator.reduce(torch.stack(values).mean(), "mean").item()
-            self._metrics.clear()
+                    logs[prefix + key] = self.accelerator.reduce(torch.stack(values).mean(), "mean").item()
+            metrics.clear()
         super().log(logs, start_time)
 
     # --- saving ---

@@ -65,6 +65,15 @@ def test_training_moves_the_vision_tower_and_logs_metrics(tmp_path, tiny_clip_pa
     assert all(torch.equal(ref[k].float(), before[k]) for k in before)
 
 
+def test_evaluate_reports_the_metrics_under_eval_names(tmp_path, tiny_clip_path, photos_dataset):
+    trainer = AFTTrainer(tiny_clip_path, args=make_args(tmp_path, per_device_eval_batch_size=4),
+                         train_dataset=photos_dataset, eval_dataset=photos_dataset)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] > 0 and metrics["eval_loss"] == pytest.approx(metrics["eval_attack_loss"], rel=1e-2)
+    assert metrics["eval_cos_sim_adv"] < metrics["eval_cos_sim_clean"] == pytest.approx(1.0)
+    assert not trainer._metrics["train"]
+
+
 def test_gradient_accumulation_matches_the_large_batch(tmp_path, tiny_clip_path, photos_dataset):
     # One attack step without noise: the random start of 2 micro-batches of 2 draws the same numbers as one of 4.
     # Plain SGD: Adam would blow the float noise of the (mathematically zero) key-bias gradients up to ±lr.
