@@ -19,9 +19,10 @@ from .metrics import top_fraction_mask
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]  # pixels (B, 3, H, W) in [0, 1] -> scores (B,)
 FAITHFULNESS_MODES = ("deletion", "insertion")
+INSERTION_BLUR_SIGMA = 5.0  # pixels: the blurred start of insertion curves, as in RISE
 
 
-def blur(pixels: torch.Tensor, sigma: float = 5.0) -> torch.Tensor:
+def blur(pixels: torch.Tensor, sigma: float = INSERTION_BLUR_SIGMA) -> torch.Tensor:
     """Gaussian blur of each channel, `sigma` in pixels (kernel of ``2·⌈3σ⌉ + 1`` taps, reflected borders)."""
     if sigma <= 0:
         raise ValueError(f"sigma={sigma} must be positive (in pixels).")

@@ -1,7 +1,8 @@
 """The side-by-side saliency figure: rows are images; columns are the image, then each model's map per method.
 
-Drawn with Pillow alone (no plotting library): each map is scaled by its own 99th percentile (so one extreme pixel
-does not wash out the rest), clipped to [0, 1] and coloured with a black-red-yellow-white ramp.
+Drawn with Pillow alone (no plotting library): each map is scaled from its minimum to its 99th percentile (so one
+extreme pixel does not wash out the rest, and a nearly flat attention map still shows its structure), clipped to
+[0, 1] and coloured with a black-red-yellow-white ramp. The PNG is saved with a 256-colour palette to stay small.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ METHOD_LABELS = {
 
 
 def colorize(saliency_map: torch.Tensor, quantile: float = 0.99) -> torch.Tensor:
-    """RGB image ``(3, H, W)`` in [0, 1] of a map ``(H, W)`` scaled by its `quantile` and clipped to [0, 1]."""
-    values = saliency_map.detach().float().clamp(min=0)
-    scale = torch.quantile(values.flatten(), quantile)
-    if scale <= 0:
-        scale = values.max()
-    values = (values / scale).clamp(0, 1) if scale > 0 else torch.zeros_like(values)
+    """RGB image ``(3, H, W)`` in [0, 1] of a map ``(H, W)``: values scaled from the map's minimum (0) to its
+    `quantile` (1), clipped to [0, 1], through the heat ramp. A constant map comes out black."""
+    values = saliency_map.detach().float()
+    low, high = values.min(), torch.quantile(values.flatten(), quantile)
+    if high <= low:
+        high = values.max()
+    values = ((values - low) / (high - low)).clamp(0, 1) if high > low else torch.zeros_like(values)
     position = values * (len(_RAMP) - 1)
     low = position.floor().long().clamp(max=len(_RAMP) - 2)
     weight = (position - low).unsqueeze(-1)
@@ -40,8 +42,8 @@ def colorize(saliency_map: torch.Tensor, quantile: float = 0.99) -> torch.Tensor
 
 
 def _tile(image: torch.Tensor, cell: int) -> Image.Image:
-    """A ``cell``-pixel square PIL image of ``(3, H, W)`` in [0, 1] (nearest neighbour, so patch grids stay sharp)."""
-    resized = F.interpolate(image.unsqueeze(0).float(), size=(cell, cell), mode="nearest").squeeze(0)
+    """A ``cell``-pixel square PIL image of ``(3, H, W)`` in [0, 1] (bilinear, antialiased when shrinking)."""
+    resized = F.interpolate(image.unsqueeze(0).float(), size=(cell, cell), mode="bilinear", antialias=True)[0]
     array = (resized.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
 
@@ -89,7 +91,15 @@ def saliency_grid(
         y = header + i * cell
         canvas.paste(_tile(pixels[i], cell), (0, y))
         if titles is not None:
-            draw.text((3, y + cell - font.size - 4), _short(titles[i], width_chars), fill="white", font=font)
+            draw.text(
+                (3, y + cell - font.size - 5),
+                _short(titles[i], width_chars),
+                fill="white",
+                font=font,
+                stroke_width=1,
+                stroke_fill="black",
+            )
         for j, (method, model) in enumerate((m, model) for m in methods for model in models):
             canvas.paste(_tile(colorize(maps[method, model][i]), cell), ((1 + j) * cell, y))
-    canvas.save(path, optimize=True)
+    # Fast octree spends the palette more evenly than median cut: the photos keep their tones next to the heat maps.
+    canvas.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(path, optimize=True)

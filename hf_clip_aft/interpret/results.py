@@ -153,11 +153,14 @@ def summary_markdown(results: dict[str, Any]) -> str:
     table: dict[tuple, dict[str, float]] = {}
     for entry in results["results"]:
         table.setdefault(_row_key(entry), {})[entry["model"]] = entry["value"]
+    # Group the rows by metric (in the order of METRICS), keeping the order of methods and settings within a metric.
+    order = {name: i for i, name in enumerate(METRICS)}
+    rows = sorted(table.items(), key=lambda row: order.get(row[0][0], len(order)))
     header = ["metric", "method", *(f"`{_model_label(m)}`" for m in models)]
     if len(models) > 1:
         header.append(f"Δ (`{_model_label(models[-1])}` − `{_model_label(models[0])}`)")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (metric, method, extras), values in table.items():
+    for (metric, method, extras), values in rows:
         info = METRICS.get(metric)
         arrow = "" if info is None else (" ↑" if info.higher_is_better else " ↓")
         name = metric + "".join(f", {key}={value}" for key, value in extras) + arrow

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .metrics import top_fraction_mask
+from .zero_shot import top1_accuracy
 
 ROAR_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -54,8 +55,7 @@ def train_linear_probe(
 @torch.no_grad()
 def probe_accuracy(probe: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy in [0, 1] of `probe` on L2-normalised `features` ``(N, D)``."""
-    predictions = probe(F.normalize(features.float(), dim=-1)).argmax(dim=-1)
-    return (predictions == labels).float().mean().item()
+    return top1_accuracy(probe(F.normalize(features.float(), dim=-1)).argmax(dim=-1), labels)
 
 
 def split_indices(num_items: int, test_share: float = 0.5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

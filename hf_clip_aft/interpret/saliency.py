@@ -20,9 +20,6 @@ from .gradients import input_gradients, integrated_gradients, smoothgrad
 from .vit_maps import attention_weights, cls_attention_grid, gradcam_grid, patch_grid, rollout_grid
 
 SALIENCY_METHODS = ("simple_gradient", "smoothgrad", "integrated_gradients", "gradcam", "attention", "rollout")
-PIXEL_METHODS = ("simple_gradient", "smoothgrad", "integrated_gradients")
-# Methods whose map does not depend on the text prompt (they explain the embedding, not a class).
-CLASS_AGNOSTIC_METHODS = ("attention", "rollout")
 CHANNEL_REDUCTIONS = ("max_abs", "sum_abs")
 
 

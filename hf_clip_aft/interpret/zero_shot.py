@@ -74,7 +74,7 @@ def top1_accuracy(predictions: torch.Tensor, references: torch.Tensor) -> float:
             f"predictions {tuple(predictions.shape)} and references {tuple(references.shape)} must have the same "
             "non-empty shape."
         )
-    return (predictions == references).float().mean().item()
+    return (predictions == references).double().mean().item()
 
 
 @dataclass(frozen=True)
