@@ -1,25 +1,182 @@
-"""Export: the drop-in `CLIPModel` folder of a fine-tuned vision tower."""
+"""Export: the drop-in `CLIPModel` folder of a fine-tuned vision tower, and the checks it must pass.
+
+An export folder holds the fine-tuned vision tower and projection, the base model's text tower and logit scale, the
+processor in the Hub's CLIP layout (``preprocessor_config.json`` and tokenizer files, which transformers 4.x, 5.x
+and the original LLaVA code all read), and, for a LoRA/DoRA run, the adapter in ``adapter/``. Weights are
+safetensors only. The folder loads with plain transformers as `CLIPModel`, `CLIPVisionModel` and
+`CLIPVisionModelWithProjection`, and no saved file names a local path: it is what gets pushed to the Hub.
+"""
 
 from __future__ import annotations
 
 import copy
+import fnmatch
+import json
+import logging
+import os
+import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from huggingface_hub import get_token
 from torch import nn
-from transformers import AutoProcessor, CLIPModel, CLIPVisionModelWithProjection
+from transformers import (
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+)
+from transformers.utils import logging as transformers_logging
+
+logger = logging.getLogger(__name__)
+
+VISION_PREFIXES = ("vision_model.", "visual_projection.")
+ADAPTER_DIR = "adapter"
+CARD_NAME = "README.md"
+TRAINING_INFO_NAME = "aft_training.json"
+# What an export writes besides the processor files: a previous export's copies must not survive next to new ones
+# (a stale shard index or adapter would be loaded instead of, or along with, the new weights).
+_EXPORT_OWNED = ("model*.safetensors", "model.safetensors.index.json", ADAPTER_DIR, CARD_NAME, TRAINING_INFO_NAME)
+# Training state and pickled weights: never part of a drop-in folder.
+_NOT_PUBLISHABLE = (
+    "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.h5", "*.msgpack",
+    "checkpoint-*", "trainer_state.json", "optimizer*", "scheduler*", "rng_state*",
+)  # fmt: skip
+# Loading arguments that transformers 5 writes back into tokenizer_config.json; they describe this machine's copy.
+_LOADING_KWARGS = (
+    "is_local", "local_files_only", "cache_dir", "token", "use_auth_token", "_commit_hash", "name_or_path",
+)  # fmt: skip
+_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{30,}")
+# The vision-only classes skip the text tower (and `CLIPVisionModel` the projection head, which LLaVA never uses).
+_TEXT_SIDE = ("text_model.", "text_projection.", "logit_scale")
+# The architecture fields a vision tower's weights depend on (and the input size its position embedding encodes).
+VISION_ARCH_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size", "image_size",
+    "num_channels", "hidden_act", "layer_norm_eps",
+)  # fmt: skip
 
 
-def merged_vision_tower(trained: nn.Module) -> CLIPVisionModelWithProjection:
-    """The trained tower as a plain `CLIPVisionModelWithProjection`: LoRA/DoRA adapters merged into a copy."""
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports for a block (skipped text-tower keys are expected, not news)."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+def is_local_path(name: str | os.PathLike) -> bool:
+    """Whether `name` is a local path rather than a Hub id (absolute, home-relative, dotted, or existing here)."""
+    name = str(name)
+    return os.path.isabs(name) or name.startswith(("~", "./", "../", ".\\", "..\\")) or os.path.exists(name)
+
+
+def hub_id(source: Any) -> str | None:
+    """The Hub id of a model source (a string or a model's ``name_or_path``), or None when it is a local path."""
+    name = source if isinstance(source, str) else getattr(getattr(source, "config", None), "_name_or_path", None)
+    return name if name and not is_local_path(name) else None
+
+
+def vision_config_mismatch(ours, theirs) -> dict[str, tuple[Any, Any]]:
+    """``{field: (ours, theirs)}`` for the architecture fields on which two `CLIPVisionConfig` differ."""
+    return {
+        name: (getattr(ours, name, None), getattr(theirs, name, None))
+        for name in VISION_ARCH_FIELDS
+        if getattr(ours, name, None) != getattr(theirs, name, None)
+    }
+
+
+def merged_vision_tower(trained: nn.Module) -> CLIPVisionModelWithProjection | CLIPModel:
+    """The trained tower as a plain transformers model: LoRA/DoRA adapters merged into a copy."""
     if hasattr(trained, "merge_and_unload"):  # a peft model; merge a copy so that training state is untouched
         trained = copy.deepcopy(trained).merge_and_unload()
-    if isinstance(trained, CLIPModel):
-        return trained
-    if not isinstance(trained, CLIPVisionModelWithProjection):
-        raise TypeError(f"Cannot export a {type(trained).__name__}: expected a CLIPVisionModelWithProjection.")
+    if not isinstance(trained, (CLIPVisionModelWithProjection, CLIPModel)):
+        raise TypeError(
+            f"Cannot export a {type(trained).__name__}: expected a CLIPVisionModelWithProjection (or a peft model "
+            "around one) or a CLIPModel."
+        )
     return trained
+
+
+def _processor_with_tokenizer(processor, base_name: str | None):
+    """The processor to save: a bare image processor gains the base's tokenizer (zero-shot use needs both)."""
+    if processor is None:
+        if base_name is None:
+            raise ValueError("No processor given and the base model has no name to load one from: pass `processor`.")
+        return AutoProcessor.from_pretrained(base_name)
+    if getattr(processor, "tokenizer", None) is not None or base_name is None:
+        return processor
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_name)
+    except (OSError, ValueError) as err:
+        logger.warning("The export has no tokenizer (none loads from %s: %s); zero-shot use needs one.", base_name, err)
+        return processor
+    return CLIPProcessor(image_processor=processor, tokenizer=tokenizer)
+
+
+def _save_adapter(peft_model: nn.Module, folder: Path, base_id: str | None) -> None:
+    """The LoRA/DoRA adapter in `folder`, its config naming the base by Hub id only (never a local path)."""
+    peft_model.save_pretrained(folder)
+    (folder / CARD_NAME).unlink(missing_ok=True)  # peft's placeholder card; the export's card covers the adapter
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = base_id
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def scrub_tokenizer_config(folder: Path) -> None:
+    """Drop the loading arguments (``is_local``, ``cache_dir``, ...) transformers writes into tokenizer_config.json."""
+    path = folder / "tokenizer_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+        kept = {k: v for k, v in config.items() if k not in _LOADING_KWARGS}
+        path.write_text(json.dumps(kept, indent=2, ensure_ascii=False) + "\n")
+
+
+def legacy_processor_layout(folder: Path) -> None:
+    """Drop a processor_config.json that only repeats preprocessor_config.json (and names the processor class).
+
+    transformers 4.x cannot read the nested image-processor entry transformers 5 writes there, and both versions
+    load a CLIP processor from preprocessor_config.json and the tokenizer files alone (the Hub's CLIP layout).
+    """
+    path = folder / "processor_config.json"
+    if path.is_file() and (folder / "preprocessor_config.json").is_file():
+        if set(json.loads(path.read_text())) <= {"image_processor", "processor_class"}:
+            path.unlink()
+
+
+@contextmanager
+def staged_folder(output_dir: str | Path) -> Iterator[Path]:
+    """A temporary folder beside `output_dir` whose contents replace those of `output_dir` if the block succeeds.
+
+    Files a previous export left in `output_dir` (weights, shard index, adapter, card) are removed first, so that
+    a failure leaves the old folder untouched and a success leaves no stale file beside the new ones.
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    try:
+        yield staging
+        output_dir.mkdir(exist_ok=True)
+        new = {item.name for item in staging.iterdir()}
+        for item in output_dir.iterdir():
+            if item.name not in new and any(fnmatch.fnmatch(item.name, p) for p in _EXPORT_OWNED):
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+        for item in staging.iterdir():
+            target = output_dir / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            item.replace(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_clip(
@@ -31,13 +188,17 @@ def export_clip(
     """Write a complete `CLIPModel` folder: `trained`'s vision tower and projection, `base`'s text tower.
 
     Args:
-        trained: the fine-tuned `CLIPVisionModelWithProjection` (or a peft model around one, merged on export, or a
-            `CLIPModel` whose vision side is taken).
+        trained: the fine-tuned `CLIPVisionModelWithProjection`, a peft model around one (merged into a copy on
+            export; the adapter is also saved in ``adapter/``), or a `CLIPModel` whose vision side is taken.
         base: the original CLIP checkpoint (Hub id, local path or `CLIPModel`): text tower, logit scale, and the
             processor and tokenizer files when `processor` is not given.
         output_dir: the folder to write; it is written in a temporary folder beside it first, so a failure leaves
-            no half-written export.
-        processor: the processor to save with the model (a `CLIPProcessor`).
+            no half-written export. Files of a previous export there are replaced.
+        processor: the processor to save with the model (a `CLIPProcessor`; a bare image processor gets the base's
+            tokenizer added).
+
+    Returns:
+        `output_dir`, which :func:`validate_export` accepts.
     """
     if base is None:
         raise ValueError(
@@ -45,27 +206,170 @@ def export_clip(
         )
     vision = merged_vision_tower(trained)
     base_model = CLIPModel.from_pretrained(base) if isinstance(base, str) else base
+    vision_config = vision.config.vision_config if isinstance(vision, CLIPModel) else vision.config
+    mismatch = vision_config_mismatch(vision_config, base_model.config.vision_config)
+    if mismatch:
+        raise ValueError(
+            f"The trained tower does not fit the base CLIP ({{field: (trained, base)}} = {mismatch}): pass the "
+            "checkpoint the tower was fine-tuned from as `base`."
+        )
     clip = copy.deepcopy(base_model)
-    state = {k: v for k, v in vision.state_dict().items() if k.startswith(("vision_model.", "visual_projection."))}
+    state = {k: v for k, v in vision.state_dict().items() if k.startswith(VISION_PREFIXES)}
     missing, unexpected = clip.load_state_dict(state, strict=False)
-    if unexpected or any(k.startswith(("vision_model.", "visual_projection.")) for k in missing):
+    if unexpected or any(k.startswith(VISION_PREFIXES) for k in missing):
         raise ValueError(f"The trained tower does not fit the base CLIP: unexpected {unexpected}, missing {missing}.")
-    if processor is None:
-        processor = AutoProcessor.from_pretrained(base if isinstance(base, str) else base.config._name_or_path)
+    base_name = base if isinstance(base, str) else base.config._name_or_path or None
+    processor = _processor_with_tokenizer(processor, base_name)
+    # CLIPVisionModelWithProjection reads the projection size from the vision config, which some configs omit.
+    clip.config.vision_config.projection_dim = clip.config.projection_dim
+    clip.config._name_or_path = ""  # the saved config must not carry a local path
 
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    try:
-        clip.config._name_or_path = ""  # the saved config must not carry a local path
+    with staged_folder(output_dir) as staging:
         clip.save_pretrained(staging)
         processor.save_pretrained(staging)
-        output_dir.mkdir(exist_ok=True)
-        for item in staging.iterdir():
-            target = output_dir / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            item.replace(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        scrub_tokenizer_config(staging)
+        image_processor = getattr(processor, "image_processor", processor)
+        image_processor.save_pretrained(staging)  # preprocessor_config.json, for transformers 4.x and LLaVA's code
+        legacy_processor_layout(staging)
+        if hasattr(trained, "merge_and_unload"):
+            _save_adapter(trained, staging / ADAPTER_DIR, hub_id(base))
+    return Path(output_dir)
+
+
+def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, base_model: str | None = None) -> Path:
+    """Export any AFT checkpoint folder to a clean drop-in folder (see :func:`export_clip`).
+
+    `checkpoint` is one of: an export folder (a `CLIPModel`, possibly among training state; its ``adapter/`` is
+    kept), a vision-only checkpoint (``checkpoint-N`` of a full fine-tuning run), or a peft adapter folder
+    (``checkpoint-N`` of a LoRA/DoRA run). The last two need the base CLIP (`base_model`, Hub id or path; an adapter
+    names its own when it was saved from a Hub model) for the text tower.
+    """
+    from .trainer import load_vision_tower  # the trainer imports this module; import it only when needed
+
+    checkpoint, output_dir = Path(checkpoint), Path(output_dir)
+    if checkpoint.resolve() == output_dir.resolve():
+        raise ValueError(f"output_dir must differ from the checkpoint folder {checkpoint}: pick a new folder.")
+    adapter_config = checkpoint / "adapter_config.json"
+    config_path = checkpoint / "config.json"
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        base_model = base_model or json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        if not base_model:
+            raise ValueError(f"{checkpoint} holds a peft adapter: pass base_model, the CLIP it was trained on.")
+        trained = PeftModel.from_pretrained(load_vision_tower(base_model), checkpoint)
+        base: str | CLIPModel = base_model
+    elif config_path.is_file() and json.loads(config_path.read_text()).get("model_type") == "clip":
+        with quiet_transformers():
+            trained = base = CLIPModel.from_pretrained(checkpoint)  # the folder's text tower is the base's
+    elif config_path.is_file() and json.loads(config_path.read_text()).get("model_type") == "clip_vision_model":
+        if base_model is None:
+            raise ValueError(f"{checkpoint} holds a vision tower only: pass base_model, the CLIP it was trained from.")
+        trained, base = load_vision_tower(str(checkpoint)), base_model
+    else:
+        raise ValueError(
+            f"{checkpoint} is not a CLIP checkpoint: expected a config.json of model_type 'clip' or "
+            "'clip_vision_model', or a peft adapter_config.json."
+        )
+    try:
+        processor = AutoProcessor.from_pretrained(checkpoint)
+    except (OSError, ValueError):
+        processor = None  # the checkpoint has no processor files: export_clip takes the base's
+    export_clip(trained, base, output_dir, processor=processor)
+    if (checkpoint / ADAPTER_DIR).is_dir() and not adapter_config.is_file():
+        shutil.copytree(checkpoint / ADAPTER_DIR, output_dir / ADAPTER_DIR, dirs_exist_ok=True)
     return output_dir
+
+
+def _json_strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _json_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _json_strings(item)
+
+
+def _names_local_path(value: str) -> bool:
+    if os.path.isabs(value):
+        return len(Path(value).parts) >= 3  # "/home/x", not a lone "/" separator
+    return value.startswith("~") or (("/" in value or os.sep in value) and os.path.exists(value))
+
+
+def private_strings(folder: str | Path) -> list[str]:
+    """Local paths and access tokens found in the text files of `folder` (``"file: what"`` each).
+
+    JSON configs are checked value by value for paths (``tokenizer.json`` is vocabulary, not configuration, and is
+    skipped); every text file (the model card too) for this machine's home, working and temporary directories, for
+    anything shaped like a Hub token, and for the token this machine is logged in with.
+    """
+    folder = Path(folder)
+    markers = [m for m in {str(Path.home()), os.getcwd(), tempfile.gettempdir()} if len(Path(m).parts) >= 2]
+    token = get_token()
+    found = []
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.suffix == ".json" and path.name != "tokenizer.json":
+            found += [f"{name}: {v}" for v in _json_strings(json.loads(path.read_text())) if _names_local_path(v)]
+        if path.suffix in (".json", ".md", ".txt", ".jinja"):
+            text = path.read_text(errors="replace")
+            found += [f"{name}: {m}" for m in markers if m in text]
+            if _TOKEN_PATTERN.search(text) or (token and token in text):
+                found.append(f"{name}: an access token")
+    return found
+
+
+def publishability_problems(folder: str | Path) -> list[str]:
+    """Why `folder` cannot be published as is: training state, pickled weights or stray sub-folders in it."""
+    folder = Path(folder)
+    problems = []
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if any(fnmatch.fnmatch(path.name, p) for p in _NOT_PUBLISHABLE):
+            problems.append(f"{name}: training state or non-safetensors weights")
+        elif path.is_dir() and path.parent == folder and path.name != ADAPTER_DIR:
+            problems.append(f"{name}/: only an '{ADAPTER_DIR}/' sub-folder belongs in an export")
+    return problems
+
+
+def validate_export(folder: str | Path) -> None:
+    """Check that `folder` is a publishable drop-in CLIP folder; raise ValueError listing every problem.
+
+    It must load with no missing keys as `CLIPModel` (no unexpected keys either), `CLIPVisionModel` and
+    `CLIPVisionModelWithProjection` (whose unexpected keys may only be the text side's, and the projection head's
+    for `CLIPVisionModel`); its processor must load with an image processor and a tokenizer; and it must hold no
+    training state, pickled weights or local paths.
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} has no config.json: it is not an export folder (see export_clip).")
+    problems = publishability_problems(folder)
+    allowed = {
+        CLIPModel: (),
+        CLIPVisionModelWithProjection: _TEXT_SIDE,
+        CLIPVisionModel: _TEXT_SIDE + ("visual_projection.",),
+    }
+    with quiet_transformers():
+        for cls, skippable in allowed.items():
+            try:
+                _, info = cls.from_pretrained(folder, output_loading_info=True)
+            except (OSError, ValueError, RuntimeError) as err:
+                problems.append(f"{cls.__name__} cannot load it: {err}")
+                continue
+            if info["missing_keys"] or info["mismatched_keys"]:
+                missing, mismatched = sorted(info["missing_keys"]), info["mismatched_keys"]
+                problems.append(f"{cls.__name__}: missing keys {missing}, mismatched keys {mismatched}")
+            unexpected = sorted(k for k in info["unexpected_keys"] if not k.startswith(skippable))
+            if unexpected:
+                problems.append(f"{cls.__name__}: unexpected keys {unexpected}")
+        try:
+            processor = AutoProcessor.from_pretrained(folder)
+            if getattr(processor, "tokenizer", None) is None or getattr(processor, "image_processor", None) is None:
+                problems.append(f"the processor is a {type(processor).__name__}, not a CLIPProcessor with a tokenizer")
+        except (OSError, ValueError) as err:
+            problems.append(f"the processor cannot load: {err}")
+    problems += [f"names a local path or token: {leak}" for leak in private_strings(folder)]
+    if problems:
+        raise ValueError(f"{folder} is not a valid drop-in CLIP folder:\n- " + "\n- ".join(problems))

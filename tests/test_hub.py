@@ -1,0 +1,235 @@
+"""Model cards and Hub pushes, up to the network boundary (HfApi is replaced by a recording fake)."""
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import httpx2
+import pytest
+from huggingface_hub import ModelCard
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+from PIL import Image
+
+from hf_clip_aft import hub
+from hf_clip_aft.config import AFTConfig
+from hf_clip_aft.export import export_clip, private_strings
+from hf_clip_aft.model_card import load_eval_report, render_model_card, write_model_card
+
+from test_export import TINY, fine_tuned_tower
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BASE_ID = "openai/clip-vit-base-patch16"
+
+
+def eval_report(tmp_path: Path, ours: str) -> Path:
+    """An evaluation report in the suite's schema, with local paths where a user's would have them."""
+    report = {
+        "schema": "hf_clip_aft.eval/v1",
+        "dataset": {"name": str(tmp_path / "photos"), "config": None, "split": "train", "num_images": 8},
+        "models": [BASE_ID, ours],
+        "settings": {"batch_size": 8},
+        "results": [
+            {"model": BASE_ID, "task": "zero-shot-image-classification", "metric": "accuracy", "method": None,
+             "value": 0.5, "settings": {"attack_eps": 0}},
+            {"model": ours, "task": "zero-shot-image-classification", "metric": "accuracy", "method": None,
+             "value": 0.625, "settings": {"attack_eps": 0}},
+            {"model": ours, "task": "saliency", "metric": "insertion_auc", "method": "simple_gradient",
+             "value": 0.3125, "settings": {}},
+            {"model": ours, "task": "saliency", "metric": "deletion_auc"},  # malformed: no value
+        ],
+    }  # fmt: skip
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(report))
+    return path
+
+
+@pytest.fixture
+def args(tmp_path) -> AFTConfig:
+    return AFTConfig(output_dir=str(tmp_path / "run"), report_to="none", per_device_train_batch_size=64)
+
+
+@pytest.fixture
+def published(tmp_path, args) -> Path:
+    """An export with its card, as the trainer's final save writes it."""
+    folder = export_clip(fine_tuned_tower(), TINY, tmp_path / "export")
+    write_model_card(
+        folder, args, base_model=TINY, dataset_name=str(tmp_path / "photos"), train_runtime=12.5,
+        hardware="1 × CPU", global_steps=3, license="mit",
+    )  # fmt: skip
+    return folder
+
+
+def test_card_parses_back_with_its_model_index_and_names_no_local_path(tmp_path, args):
+    report = eval_report(tmp_path, ours=str(tmp_path / "export"))
+    card = render_model_card(
+        args, base_model=BASE_ID, dataset_name="ILSVRC/imagenet-1k", train_runtime=7380.0, hardware="8 × GPU",
+        eval_results_path=report, repo_id="org/clip-aft-vit-b-16", license="mit",
+    )  # fmt: skip
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+    data = loaded.data
+    assert (data.library_name, data.pipeline_tag, data.base_model, data.license) == (
+        "transformers", "zero-shot-image-classification", BASE_ID, "mit",
+    )  # fmt: skip
+    assert {"clip", "adversarial-training", "interpretability"} <= set(data.tags)
+    assert data.datasets == ["ILSVRC/imagenet-1k"]  # the local evaluation folder is not a Hub dataset
+    results = {(r.task_type, r.metric_type): r.metric_value for r in data.eval_results}
+    assert results == {("zero-shot-image-classification", "accuracy"): 0.625, ("saliency", "insertion_auc"): 0.3125}
+    assert {r.dataset_name for r in data.eval_results} == {"photos"}
+    text = (tmp_path / "README.md").read_text()
+    assert str(tmp_path) not in text
+    needles = (
+        "ε = 4/255", "α = 1/255", "K = 10", "σ = 1/255", "η = 1/255", "β₂ = 0.95", "1e-05", "2 h 03 min", "8 × GPU",
+        "64 images = 64 per device × 1 accumulation steps × 1 process", "Gong, Shizhan", "CLIPVisionModel",
+    )  # fmt: skip
+    for needle in needles:
+        assert needle in text, needle
+
+
+def test_card_without_results_has_no_numbers(published):
+    text = (published / "README.md").read_text()
+    assert "model-index" not in text and "No evaluation results" in text
+    assert ModelCard.load(published / "README.md").data.eval_results is None
+    summary = json.loads((published / "aft_training.json").read_text())
+    assert summary["base_model"] == "tiny-clip" and summary["base_model_on_hub"] is False
+    assert summary["hyperparameters"]["attack_eps"] == 4.0
+    assert private_strings(published) == []
+
+
+def test_eval_report_is_read_defensively(tmp_path):
+    path = eval_report(tmp_path, ours="mine")
+    assert len(load_eval_report(path)["results"]) == 3  # the malformed entry is dropped
+    (tmp_path / "bad.json").write_text(json.dumps({"schema": "other"}))
+    with pytest.raises(ValueError, match="hf_clip_aft.eval/v1"):
+        load_eval_report(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="eval_model"):  # two candidates when the base is not named
+        render_model_card(None, eval_results_path=path)
+    card = render_model_card(None, eval_results_path=path, eval_model="mine")
+    assert len(card.data.eval_results) == 2
+
+
+class FakeHfApi:
+    """Records the calls that would reach the Hub; snapshots the folder at upload time."""
+
+    calls: list = []
+    fail: dict = {}
+
+    def __init__(self, token=None):
+        assert token is None  # the recipes rely on the logged-in token; none is passed around
+
+    def _call(self, name, *args, **kwargs):
+        FakeHfApi.calls.append((name, args, kwargs))
+        if name in FakeHfApi.fail:
+            raise FakeHfApi.fail[name]
+
+    def whoami(self):
+        self._call("whoami")
+        return {"name": "someone"}
+
+    def create_repo(self, repo_id, **kwargs):
+        self._call("create_repo", repo_id, **kwargs)
+        return type("RepoUrl", (), {"repo_id": repo_id if "/" in repo_id else f"someone/{repo_id}"})()
+
+    def auth_check(self, repo_id, **kwargs):
+        self._call("auth_check", repo_id, **kwargs)
+
+    def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        snapshot = {
+            p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in folder.rglob("*")
+            if p.is_file()
+        }
+        self._call("upload_folder", snapshot=snapshot, **kwargs)
+        return type("CommitInfo", (), {"commit_url": "https://huggingface.co/org/x/commit/0"})()
+
+
+@pytest.fixture
+def fake_api(monkeypatch):
+    FakeHfApi.calls, FakeHfApi.fail = [], {}
+    monkeypatch.setattr(hub, "HfApi", FakeHfApi)
+    return FakeHfApi
+
+
+def test_dry_run_validates_and_contacts_nobody(published, fake_api):
+    assert hub.push_folder(published, "org/clip-aft", dry_run=True) is None
+    assert fake_api.calls == []
+    names = [name for name, _ in hub.upload_listing(published)]
+    assert names == sorted(["README.md", "aft_training.json", "config.json", "model.safetensors",
+                            "preprocessor_config.json", "tokenizer.json",
+                            "tokenizer_config.json"])  # fmt: skip
+
+
+def test_push_uploads_exactly_the_validated_folder_in_one_commit(published, fake_api):
+    before = {
+        p.relative_to(published).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in published.rglob("*")
+        if p.is_file()
+    }
+    hub.push_folder(published, "org/clip-aft", private=True)
+    assert [name for name, *_ in fake_api.calls] == ["create_repo", "upload_folder"]
+    _, (repo,), create = fake_api.calls[0]
+    assert repo == "org/clip-aft" and create == {"private": True, "exist_ok": True}
+    _, _, upload = fake_api.calls[1]
+    assert Path(upload["folder_path"]) == published and upload["repo_id"] == "org/clip-aft"
+    assert upload["snapshot"] == before
+    assert not {"allow_patterns", "ignore_patterns", "path_in_repo"} & set(upload)
+
+
+def test_push_refuses_a_folder_that_is_not_publishable(published, fake_api):
+    (published / "optimizer.pt").write_bytes(b"state")
+    with pytest.raises(ValueError, match="optimizer.pt"):
+        hub.push_folder(published, "org/clip-aft")
+    (published / "optimizer.pt").unlink()
+    (published / "README.md").unlink()
+    with pytest.raises(ValueError, match="README.md"):
+        hub.push_folder(published, "org/clip-aft")
+    assert fake_api.calls == []
+
+
+def forbidden(url: str) -> HfHubHTTPError:
+    return HfHubHTTPError("403 Forbidden", response=httpx2.Response(403, request=httpx2.Request("GET", url)))
+
+
+def test_check_push_access(fake_api):
+    assert hub.check_push_access("clip-aft") == "someone/clip-aft"
+    assert ("create_repo", ("clip-aft",), {"private": None, "exist_ok": True}) in fake_api.calls
+    assert ("auth_check", ("someone/clip-aft",), {"write": True}) in fake_api.calls
+
+    fake_api.fail = {"whoami": LocalTokenNotFoundError("no token")}
+    with pytest.raises(PermissionError, match=r"'org/clip-aft'.*hf auth login.*HF_TOKEN"):
+        hub.check_push_access("org/clip-aft")
+    fake_api.fail = {"auth_check": forbidden("https://huggingface.co/api/models/org/clip-aft/auth-check/write")}
+    with pytest.raises(PermissionError, match=r"someone cannot write to the model repo 'org/clip-aft'"):
+        hub.check_push_access("org/clip-aft")
+
+
+def load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO_ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_push_recipe_dry_run_from_a_training_output_folder(published, tmp_path, fake_api, capsys):
+    # A training output folder holds checkpoints and trainer state next to the export: none of it is published.
+    (published / "checkpoint-3").mkdir()
+    (published / "checkpoint-3" / "optimizer.pt").write_bytes(b"state")
+    (published / "trainer_state.json").write_text("{}")
+    report = eval_report(tmp_path, ours=str(published))
+    Image.new("RGB", (8, 4)).save(report.parent / "saliency_grid.png")  # recipes/evaluate.py's figure
+    recipe = load_recipe("push")
+    recipe.main(recipe.PushArguments(
+        checkpoint=str(published), repo_id="org/clip-aft", dry_run=True, eval_results=str(report),
+        base_model=BASE_ID, license="mit",
+    ))  # fmt: skip
+    out = Path(f"{published}-hub")
+    printed = capsys.readouterr().out
+    assert "would upload to org/clip-aft" in printed and "model.safetensors" in printed
+    assert "checkpoint-3" not in printed and not (out / "trainer_state.json").exists()
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == BASE_ID and len(card.data.eval_results) == 2
+    assert "org/clip-aft" in card.text and "1 × CPU" in card.text  # the training record survived re-export
+    assert (out / "saliency_comparison.png").is_file() and "](saliency_comparison.png)" in card.text
+    assert fake_api.calls == []
