@@ -76,6 +76,16 @@ class AFTConfig(TrainingArguments):
         default="This is a photo of a {}",
         metadata={"help": "Class prompt of the TeCoA loss; '{}' is replaced by the class name."},
     )
+    # --- performance ---
+    precompute_ref_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the reference embeddings e0 of the whole train set once before training (one forward "
+            "per image, kept on the host: N × D float32) instead of one reference forward per image per step. Valid "
+            "because the default collator's pixels are deterministic (resize + centre crop); refused for streaming "
+            "datasets and custom collators."
+        },
+    )
 
     # --- TrainingArguments whose defaults the paper sets ---
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of AdamW (paper: 1e-5)."})

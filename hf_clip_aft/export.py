@@ -32,7 +32,8 @@ from transformers import (
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
 )
-from transformers.utils import logging as transformers_logging
+
+from .modeling import load_vision_tower, quiet_transformers
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +61,6 @@ VISION_ARCH_FIELDS = (
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size", "image_size",
     "num_channels", "hidden_act", "layer_norm_eps",
 )  # fmt: skip
-
-
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load reports for a block (skipped text-tower keys are expected, not news)."""
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        transformers_logging.set_verbosity(verbosity)
 
 
 def is_local_path(name: str | os.PathLike) -> bool:
@@ -244,8 +234,6 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, base_model
     (``checkpoint-N`` of a LoRA/DoRA run). The last two need the base CLIP (`base_model`, Hub id or path; an adapter
     names its own when it was saved from a Hub model) for the text tower.
     """
-    from .trainer import load_vision_tower  # the trainer imports this module; import it only when needed
-
     checkpoint, output_dir = Path(checkpoint), Path(output_dir)
     if checkpoint.resolve() == output_dir.resolve():
         raise ValueError(f"output_dir must differ from the checkpoint folder {checkpoint}: pick a new folder.")

@@ -31,11 +31,11 @@ from .export import (
     merged_vision_tower,
     private_strings,
     publishability_problems,
-    quiet_transformers,
     scrub_tokenizer_config,
     staged_folder,
     vision_config_mismatch,
 )
+from .modeling import quiet_transformers
 
 LLAVA_CLASSES = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
 _TOWER_KEY = "vision_tower."

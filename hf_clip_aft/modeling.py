@@ -14,7 +14,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPModel
+from transformers import CLIPModel, CLIPVisionModelWithProjection
+from transformers.utils import logging as transformers_logging
 
 EmbedFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -71,3 +72,27 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
     finally:
         for p in trainable:
             p.requires_grad_(True)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports for a block (skipped text-tower keys are expected, not news)."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+def load_vision_tower(name_or_path: str, **kwargs) -> CLIPVisionModelWithProjection:
+    """The vision tower and projection of a CLIP checkpoint (a full `CLIPModel` or a vision-only one).
+
+    The text tower's weights are expected to be left over; a missing vision weight is an error, not a warning,
+    because it would silently train from a random initialisation.
+    """
+    with quiet_transformers():
+        vision, info = CLIPVisionModelWithProjection.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    if info["missing_keys"]:
+        raise ValueError(f"{name_or_path} lacks vision weights {sorted(info['missing_keys'])}: is it a CLIP checkpoint?")
+    return vision

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+from pathlib import Path
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import datasets
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 from transformers import (
     AutoProcessor,
     CLIPImageProcessor,
@@ -22,17 +28,33 @@ from transformers import (
     Trainer,
     TrainerCallback,
 )
-from transformers.utils import logging as transformers_logging
+from transformers.trainer_utils import HubStrategy
+from transformers.utils.hub import PushInProgress
 
 from .attack import adversarial_perturbation
 from .config import AFTConfig
-from .data import AFTDataCollator, class_names as dataset_class_names, find_image_column, prepare_dataset
+from .data import (
+    AFTDataCollator,
+    class_names as dataset_class_names,
+    find_image_column,
+    images_to_pixels,
+    open_image,
+    prepare_dataset,
+)
 from .loss import fare_loss, mean_cosine_similarity, tecoa_loss
-from .modeling import encode_images, frozen_parameters
+from .export import export_clip, hub_id
+from .hub import check_push_access, push_checkpoint, push_folder
+from .model_card import hardware_description, write_model_card
+from .modeling import encode_images, frozen_parameters, load_vision_tower
 
 logger = logging.getLogger(__name__)
 
 Dataset = datasets.Dataset | datasets.IterableDataset
+
+HUB_FOLDER = "_hub"  # under output_dir: the exact folder push_to_hub exports, validates and uploads
+
+# The column that ties each train example to its row of the precomputed reference embeddings.
+ROW_COLUMN = "aft_row"
 
 
 def vision_tower_of(clip: CLIPModel) -> CLIPVisionModelWithProjection:
@@ -46,23 +68,6 @@ def vision_tower_of(clip: CLIPModel) -> CLIPVisionModelWithProjection:
     return vision
 
 
-def load_vision_tower(name_or_path: str, **kwargs) -> CLIPVisionModelWithProjection:
-    """The vision tower and projection of a CLIP checkpoint (a full `CLIPModel` or a vision-only one).
-
-    The text tower's weights are expected to be left over; a missing vision weight is an error, not a warning,
-    because it would silently train from a random initialisation.
-    """
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # the text keys it skips are expected, not news
-    try:
-        vision, info = CLIPVisionModelWithProjection.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    if info["missing_keys"]:
-        raise ValueError(f"{name_or_path} lacks vision weights {sorted(info['missing_keys'])}: is it a CLIP checkpoint?")
-    return vision
-
-
 def _load_processor(source: str | None, image_size: int) -> ProcessorMixin | CLIPImageProcessor:
     """The checkpoint's processor; a CLIP image processor sized for the model when the checkpoint has none."""
     if source is not None:
@@ -72,6 +77,48 @@ def _load_processor(source: str | None, image_size: int) -> ProcessorMixin | CLI
             logger.warning("No processor could be loaded from %s (%s).", source, err)
     logger.warning("Using CLIP's default image processor (OpenAI mean/std) at %d pixels.", image_size)
     return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+def _pixels_or_blank(examples: list[dict[str, Any]], image_processor, image_column: str) -> dict[str, torch.Tensor]:
+    """Pixels of every example, a blank image where one cannot be decoded (``readable`` is 0 there), and the rows."""
+    images, readable = [], []
+    for example in examples:
+        try:
+            images.append(open_image(example[image_column]))
+            readable.append(1)
+        except Exception as err:  # noqa: BLE001 - any decoding failure means "drop this image"
+            logger.warning("Dropping an unreadable image (row %d): %s", example[ROW_COLUMN], err)
+            images.append(Image.new("RGB", (1, 1)))
+            readable.append(0)
+    return {
+        "pixel_values": images_to_pixels(images, image_processor),
+        "readable": torch.tensor(readable),
+        "row": torch.tensor([example[ROW_COLUMN] for example in examples]),
+    }
+
+
+class ReferenceEmbedsCollator:
+    """The AFT collator, plus each example's precomputed e0 (``ref_embeds``), looked up by its ``aft_row``.
+
+    Examples without the row column (an evaluation set) get no ``ref_embeds``, and the trainer runs the reference
+    encoder for them as usual.
+    """
+
+    def __init__(self, collator: AFTDataCollator, table: torch.Tensor):
+        self.collator = collator
+        self.table = table  # (rows, D) float32 on the host
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collator(examples)
+        if ROW_COLUMN not in examples[0]:
+            return batch
+        if len(batch["pixel_values"]) != len(examples):
+            raise RuntimeError(
+                "An image that decoded when the reference embeddings were precomputed failed to decode now: has the "
+                "dataset changed on disk? Rerun, or set precompute_ref_embeddings=False."
+            )
+        batch["ref_embeds"] = self.table[[example[ROW_COLUMN] for example in examples]]
+        return batch
 
 
 class AFTTrainer(Trainer):
@@ -88,6 +135,7 @@ class AFTTrainer(Trainer):
         class_names: class names for the TeCoA loss; read from the label column's `ClassLabel` when omitted.
         image_column: the image column; the first `Image` column when omitted.
         label_column: the class-label column (used by the TeCoA loss only).
+        dataset_name: the training set's Hub id (or folder), for the model card.
 
     Logged metrics besides ``loss``: ``attack_loss`` (‖f(x+δ*) − e0‖², the embedding distance the attack reached),
     ``cos_sim_adv`` and ``cos_sim_clean`` (cosine similarity of the adversarial / clean embedding to e0), and
@@ -111,9 +159,11 @@ class AFTTrainer(Trainer):
         class_names: list[str] | None = None,
         image_column: str | None = None,
         label_column: str | None = "label",
+        dataset_name: str | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple = (None, None),
     ):
+        self.dataset_name = dataset_name
         if isinstance(model, str):
             self.base_model_source: str | CLIPModel | None = model
             vision = load_vision_tower(model)
@@ -155,6 +205,18 @@ class AFTTrainer(Trainer):
                 class_names = dataset_class_names(train_dataset.features, label_column)
             self.text_embeds = self._class_text_embeds(model, processing_class, class_names, args.prompt_template)
 
+        if args.precompute_ref_embeddings and isinstance(train_dataset, datasets.IterableDataset):
+            raise ValueError(
+                "precompute_ref_embeddings=True needs a map-style train_dataset (it embeds every image once before "
+                "training), not a streaming one: load the dataset without streaming, or set "
+                "precompute_ref_embeddings=False."
+            )
+        if args.precompute_ref_embeddings and data_collator is not None:
+            raise ValueError(
+                "precompute_ref_embeddings=True is only valid with the default AFTDataCollator, whose pixels are "
+                "deterministic (resize + centre crop); a custom data_collator may change them from epoch to epoch. "
+                "Drop data_collator, or set precompute_ref_embeddings=False."
+            )
         if train_dataset is not None:
             image_column = find_image_column(train_dataset.features, image_column)
             train_dataset = prepare_dataset(train_dataset, image_column)
@@ -179,6 +241,11 @@ class AFTTrainer(Trainer):
         )
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
+        elif args.precompute_ref_embeddings and not self.place_model_on_device:
+            raise ValueError(
+                "precompute_ref_embeddings=True with a peft model needs the model on its device before training, "
+                "which FSDP and DeepSpeed postpone: set precompute_ref_embeddings=False."
+            )
         # Per mode ("train" / "eval"), per metric: the values of the micro-batches since the last log.
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._skipped_total = 0
@@ -218,11 +285,64 @@ class AFTTrainer(Trainer):
 
     @torch.no_grad()
     def reference_embeds(self, model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        """e0 = f0(x): the frozen original encoder's embeddings (the adapters disabled under peft)."""
-        if self.ref_model is not None:
-            return self._embed(self.ref_model, pixels)
-        with self.accelerator.unwrap_model(model).disable_adapter():
-            return self._embed(self._forward_model(model), pixels)
+        """e0 = f0(x): the frozen original encoder's embeddings (the adapters disabled under peft).
+
+        Computed in the run's mixed precision, like the trained encoder's forward, so that the two agree at
+        initialisation (and the reference forward is not an fp32 one in a bf16 run).
+        """
+        with self.accelerator.autocast():
+            if self.ref_model is not None:
+                return self._embed(self.ref_model, pixels)
+            with self.accelerator.unwrap_model(model).disable_adapter():
+                return self._embed(self._forward_model(model), pixels)
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.args.precompute_ref_embeddings and not isinstance(self.data_collator, ReferenceEmbedsCollator):
+            self._precompute_reference_embeddings()
+        return super().get_train_dataloader()
+
+    def _precompute_reference_embeddings(self) -> None:
+        """Embed every train image once with the reference encoder, to carry e0 in the batches (``ref_embeds``).
+
+        Under DDP each rank embeds its share and all ranks gather the whole table (N × D float32 on the host), since
+        the sampler deals the images out anew every epoch. Images that cannot be decoded are dropped from the train
+        set here, so that the batches never skip one and the table stays aligned with them.
+        """
+        dataset = self.train_dataset.add_column(ROW_COLUMN, list(range(len(self.train_dataset))))
+        collate = partial(
+            _pixels_or_blank, image_processor=self.image_processor, image_column=self.data_collator.image_column
+        )
+        loader = DataLoader(
+            dataset,
+            batch_size=self.args.per_device_eval_batch_size,
+            collate_fn=collate,
+            num_workers=self.args.dataloader_num_workers,
+        )
+        table = None
+        readable = torch.zeros(len(dataset), dtype=torch.bool)
+        # Iterating a DataLoader draws from the global generator: fork it, so that the attack draws the same noise
+        # with or without the precompute.
+        cuda = [self.args.device] if self.args.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            for batch in tqdm(
+                self.accelerator.prepare(loader),
+                desc="Reference embeddings",
+                disable=self.args.disable_tqdm or not self.is_local_process_zero(),
+            ):
+                e0 = self.reference_embeds(self.model, batch["pixel_values"])
+                # Ranks padded to even batches repeat rows: writing them twice is harmless.
+                rows, e0, ok = (t.cpu() for t in self.accelerator.gather((batch["row"], e0, batch["readable"])))
+                if table is None:
+                    table = torch.zeros(len(dataset), e0.shape[-1])
+                table[rows] = e0
+                readable[rows] = ok.bool()
+        dropped = len(dataset) - int(readable.sum())
+        if dropped:
+            logger.warning("Dropped %d unreadable images of %d from the train set.", dropped, len(dataset))
+            self._skipped_total += dropped
+            dataset = dataset.select(readable.nonzero().flatten().tolist())
+        self.train_dataset = dataset
+        self.data_collator = ReferenceEmbedsCollator(self.data_collator, table)
 
     def compute_loss(
         self,
@@ -235,7 +355,7 @@ class AFTTrainer(Trainer):
         metrics = self._metrics["train" if model.training else "eval"]
         if "num_skipped" in inputs:
             metrics["skipped_images"].append(inputs["num_skipped"].sum())
-        target = self.reference_embeds(model, pixels)
+        target = inputs["ref_embeds"] if "ref_embeds" in inputs else self.reference_embeds(model, pixels)
 
         attack_model = self._forward_model(model)
         with frozen_parameters(attack_model):
@@ -310,8 +430,6 @@ class AFTTrainer(Trainer):
             return super()._save(output_dir, state_dict)
         if not self.args.should_save:
             return
-        from .export import export_clip
-
         output_dir = output_dir or self.args.output_dir
         trained = self.accelerator.unwrap_model(self.model)
         if state_dict is not None:
@@ -325,3 +443,97 @@ class AFTTrainer(Trainer):
             full.load_state_dict(state_dict)
             trained = full
         export_clip(trained, self.base_model_source, output_dir, processor=self.processing_class)
+        self.write_model_card(output_dir)
+
+    def write_model_card(self, output_dir: str, **card_kwargs) -> None:
+        """README.md and aft_training.json of the export in `output_dir`.
+
+        `card_kwargs`: ``eval_results_path``, ``eval_model``, ``license``, ``saliency_figure``, ``dataset_name``
+        (see :func:`hf_clip_aft.model_card.write_model_card`).
+        """
+        runtime = next((log["train_runtime"] for log in reversed(self.state.log_history) if "train_runtime" in log), None)
+        base = self.base_model_source
+        card_kwargs.setdefault("dataset_name", self.dataset_name)
+        write_model_card(
+            output_dir,
+            self.args,
+            base_model=base if isinstance(base, str) else hub_id(base),
+            train_runtime=runtime,
+            hardware=hardware_description(self.args.device, self.args.world_size),
+            global_steps=self.state.global_step or None,
+            repo_id=self.hub_model_id,
+            **card_kwargs,
+        )
+
+    # --- the Hub ---
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """With ``push_to_hub``: check at init, not after training, that the token can write to the repo."""
+        if not self.is_world_process_zero():
+            return
+        self.hub_model_id = check_push_access(
+            self.args.hub_model_id or Path(self.args.output_dir).absolute().name,
+            token=token if token is not None else self.args.hub_token,
+            private=private if private is not None else self.args.hub_private_repo,
+        )
+        self.push_in_progress = None
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **card_kwargs,
+    ):
+        """Push the drop-in `CLIPModel` folder with its card, in one commit; never `output_dir` as a whole.
+
+        The folder is exported to ``<output_dir>/_hub`` from the current weights, validated, and uploaded as is
+        (`PreTrainedModel.push_to_hub` is not used: it would replace our card with its own). `card_kwargs` go to
+        :meth:`write_model_card` (e.g. ``eval_results_path``).
+        """
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+        folder = os.path.join(self.args.output_dir, HUB_FOLDER)
+        self._exporting = True  # on every rank: FSDP / ZeRO-3 gather the full weights inside save_model
+        try:
+            super().save_model(folder, _internal_call=True)  # internal: the Trainer's save does not push by itself
+        finally:
+            self._exporting = False
+        if not self.is_world_process_zero():
+            return None
+        self.write_model_card(folder, **card_kwargs)
+        self._finish_current_push()
+        return push_folder(
+            folder,
+            self.hub_model_id,
+            token=token,
+            revision=revision or self.args.hub_revision,
+            commit_message=commit_message or "Upload AFT CLIP model",
+            run_as_future=not blocking,
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Mid-run pushes: the resumable checkpoint, into its own repo sub-folder, for hub_strategy ``checkpoint`` /
+        ``all_checkpoints``; nothing for ``every_save`` / ``end`` (push_to_hub pushes the drop-in model). The
+        Trainer's version would copy the checkpoint's bare tower over the repo root's CLIPModel."""
+        strategy = self.args.hub_strategy
+        if not self.is_world_process_zero() or strategy not in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        job = push_checkpoint(
+            checkpoint_folder,
+            self.hub_model_id,
+            "last-checkpoint" if strategy == HubStrategy.CHECKPOINT else Path(checkpoint_folder).name,
+            token=self.args.hub_token,
+            revision=self.args.hub_revision,
+            commit_message=f"Training in progress, step {self.state.global_step}",
+        )
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress([job])
+        else:
+            self.push_in_progress.jobs.append(job)

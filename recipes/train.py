@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
         peft_config=model_args.peft_config(),
         image_column=script_args.image_column,
         label_column=script_args.label_column,
+        dataset_name=script_args.dataset_name,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()

@@ -233,3 +233,38 @@ def test_push_recipe_dry_run_from_a_training_output_folder(published, tmp_path, 
     assert "org/clip-aft" in card.text and "1 × CPU" in card.text  # the training record survived re-export
     assert (out / "saliency_comparison.png").is_file() and "](saliency_comparison.png)" in card.text
     assert fake_api.calls == []
+
+
+def test_trainer_checks_access_at_init_and_pushes_the_validated_export(tmp_path, fake_api):
+    from hf_clip_aft import AFTTrainer
+    from hf_clip_aft.data import load_image_dataset
+    from hf_clip_aft.trainer import HUB_FOLDER
+    from conftest import PHOTOS
+
+    fake_api.fail = {"auth_check": forbidden("https://huggingface.co/api/models/org/clip-aft-tiny/auth-check/write")}
+    args = AFTConfig(output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True, max_steps=1,
+                     per_device_train_batch_size=4, attack_steps=1, save_strategy="no",
+                     push_to_hub=True, hub_model_id="org/clip-aft-tiny")
+    dataset = load_image_dataset(PHOTOS)
+    with pytest.raises(PermissionError, match="cannot write to the model repo 'org/clip-aft-tiny'"):  # before training
+        AFTTrainer(TINY, args=args, train_dataset=dataset)
+    assert [c[0] for c in fake_api.calls] == ["whoami", "create_repo", "auth_check"]
+
+    fake_api.calls, fake_api.fail = [], {}
+    trainer = AFTTrainer(TINY, args=args, train_dataset=dataset, dataset_name="ILSVRC/imagenet-1k")
+    trainer.train()
+    trainer.save_model()
+    uploads = [c for c in fake_api.calls if c[0] == "upload_folder"]
+    assert len(uploads) == 1
+    kwargs = uploads[0][2]
+    folder = Path(kwargs["folder_path"])
+    assert folder == Path(args.output_dir) / HUB_FOLDER and kwargs["repo_id"] == "org/clip-aft-tiny"
+    # Exactly the validated folder went up: our card (not transformers' generic one) with the model.
+    assert kwargs["snapshot"] == {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*") if p.is_file()
+    }
+    assert {"README.md", "model.safetensors", "config.json"} <= set(kwargs["snapshot"])
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.datasets == ["ILSVRC/imagenet-1k"] and "adversarial-training" in card.data.tags
+    assert str(tmp_path) not in (folder / "README.md").read_text()

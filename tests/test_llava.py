@@ -23,7 +23,8 @@ from transformers import (
     LlavaProcessor,
 )
 
-from hf_clip_aft.export import export_clip, private_strings, quiet_transformers
+from hf_clip_aft.export import export_clip, private_strings
+from hf_clip_aft.modeling import quiet_transformers
 from hf_clip_aft.llava import save_llava, swap_llava_vision_tower, validate_llava_folder, vision_tower_state
 from hf_clip_aft.model_card import render_llava_card
 from hf_clip_aft.model_configs import clip_config
