@@ -93,6 +93,7 @@ def training_summary(
     train_runtime: float | None = None,
     hardware: str | None = None,
     global_steps: int | None = None,
+    weights_source: str | None = None,
 ) -> dict[str, Any]:
     """What a card says about training, as JSON-able data (saved beside the card as ``aft_training.json``).
 
@@ -104,6 +105,8 @@ def training_summary(
         train_runtime: wall-clock training time in seconds.
         hardware: e.g. :func:`hardware_description`'s ``"8 × NVIDIA H100 80GB HBM3"``.
         global_steps: optimiser steps run.
+        weights_source: for weights imported rather than trained here, the checkpoint they came from (a Hub
+            repo and file, or a local file, reduced to its name).
     """
     if isinstance(args, AFTConfig):
         hp = {name: getattr(args, name) for name in _HYPERPARAMETERS}
@@ -127,6 +130,7 @@ def training_summary(
         "train_runtime_s": train_runtime,
         "hardware": hardware,
         "global_steps": global_steps,
+        "weights_source": public_name(weights_source),
     }
     summary.update({k: v for k, v in overrides.items() if v is not None})
     for key in overrides:
@@ -331,6 +335,7 @@ def render_model_card(
     train_runtime: float | None = None,
     hardware: str | None = None,
     global_steps: int | None = None,
+    weights_source: str | None = None,
     eval_results_path: str | Path | None = None,
     eval_model: str | None = None,
     repo_id: str | None = None,
@@ -341,7 +346,8 @@ def render_model_card(
     """The model card of an exported AFT CLIP.
 
     Args:
-        args, base_model, dataset_name, train_runtime, hardware, global_steps: see :func:`training_summary`.
+        args, base_model, dataset_name, train_runtime, hardware, global_steps, weights_source: see
+            :func:`training_summary`.
         eval_results_path: the evaluation suite's JSON; its results for this model become the model-index.
         eval_model: the report's name for this model, when the report holds more than it and the base.
         repo_id: the Hub repository the card is for (used in the usage snippets and as the model name).
@@ -356,6 +362,7 @@ def render_model_card(
         train_runtime=train_runtime,
         hardware=hardware,
         global_steps=global_steps,
+        weights_source=weights_source,
     )
     base, base_is_hub = summary["base_model"], bool(summary["base_model_on_hub"])
     dataset = summary["dataset"]
@@ -397,6 +404,7 @@ def render_model_card(
         training_time=format_duration(summary["train_runtime_s"]) if summary["train_runtime_s"] else None,
         hardware=summary["hardware"],
         global_steps=summary["global_steps"],
+        weights_source=summary["weights_source"],
         versions=summary["versions"],
         results=rows,
         eval_dataset=report and {**report["dataset"], "name": public_name(report["dataset"]["name"])},
@@ -416,6 +424,7 @@ def write_model_card(
     train_runtime: float | None = None,
     hardware: str | None = None,
     global_steps: int | None = None,
+    weights_source: str | None = None,
     eval_results_path: str | Path | None = None,
     eval_model: str | None = None,
     repo_id: str | None = None,
@@ -437,6 +446,7 @@ def write_model_card(
         train_runtime=train_runtime,
         hardware=hardware,
         global_steps=global_steps,
+        weights_source=weights_source,
     )
     if saliency_figure is None and eval_results_path is not None:
         candidate = Path(eval_results_path).parent / EVAL_FIGURE_NAME

@@ -18,6 +18,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from hf_clip_aft.cli import parse_args
 from hf_clip_aft.convert import convert_open_clip_visual
 from hf_clip_aft.export import export_clip
+from hf_clip_aft.model_card import write_model_card
 
 # The weight files open_clip reads from a Hub repo; it prefers the safetensors one.
 OPEN_CLIP_SAFETENSORS, OPEN_CLIP_BIN = "open_clip_model.safetensors", "open_clip_pytorch_model.bin"
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> Path:
     path = args.checkpoint or download_open_clip_checkpoint(args.hub_checkpoint, args.hub_filename)
     vision = convert_open_clip_visual(path, args.base)
     output = export_clip(vision, args.base, args.output)
+    source = path if args.checkpoint else f"{args.hub_checkpoint}/{Path(path).name}"
+    write_model_card(output, None, base_model=args.base, weights_source=source)
     print(f'Wrote {output}. Load it with plain transformers: CLIPModel.from_pretrained("{output}")')
     return output
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import CLIPModel, CLIPProcessor
 
+from hf_clip_aft.export import validate_export
 from hf_clip_aft.convert import convert_open_clip_visual
 from hf_clip_aft.model_configs import clip_config
 
@@ -198,5 +199,9 @@ def test_recipe_writes_a_clip_folder_with_the_converted_vision_tower(
     for name, tensor in base.text_model.state_dict().items():
         assert torch.equal(clip.text_model.state_dict()[name], tensor), name
     CLIPProcessor.from_pretrained(output)
+    # The card says where the weights came from, by file name (a card names no local path).
+    card = (output / "README.md").read_text()
+    assert "converted from the open_clip checkpoint `aft_tiny.pt`" in card and str(tmp_path) not in card
+    validate_export(output)
     with pytest.raises(ValueError, match="exactly one of --checkpoint"):
         main(["--base", tiny_clip_path, "--output", str(tmp_path / "none")])
