@@ -1,0 +1,151 @@
+"""One seed of the experiment: scenes -> base tower -> fine-tuning variants -> metrics.
+
+Everything is a function of the configuration and the seed: the scenes (training indices ``0 .. train_size − 1``,
+evaluation indices from :data:`SPLIT_OFFSETS`), the initialisation, the pre-training batches, the fine-tuning data
+order and attack noise, and the evaluation's attack starts. Run with one torch thread, a seed gives the same numbers
+on every run on the same machine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from hf_clip_aft.data import images_to_pixels
+from hf_clip_aft.interpret.batches import masks_to_tensor
+
+from finetune import VARIANTS, FinetuneSpec, finetune
+from measure import evaluate_tower
+from pretrain import PretrainSpec, TowerSpec, build_tower, class_embeddings, image_processor_for, pretrain
+from scenes import CLASS_NAMES, SceneSpec, make_scenes
+
+# First scene index of each evaluation split: far beyond any training index, so the splits never overlap.
+SPLIT_OFFSETS = {"validation": 1_000_000, "test": 2_000_000}
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The whole experiment at one size; `variants` are fine-tuned from the same base (see :data:`VARIANTS`)."""
+
+    scenes: SceneSpec = field(default_factory=SceneSpec)
+    tower: TowerSpec = field(default_factory=TowerSpec)
+    pretrain: PretrainSpec = field(default_factory=PretrainSpec)
+    finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
+    train_size: int = 16000
+    eval_size: int = 500
+    variants: tuple[str, ...] = VARIANTS
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SeedResult:
+    """Metrics of every model (``base`` and each variant), fine-tuning logs, timings, and maps for the figure."""
+
+    seed: int
+    metrics: dict[str, dict[str, float]]
+    pretrain_final_loss: float
+    train_logs: dict[str, list[dict[str, float]]]
+    same_data_order: bool
+    seconds: dict[str, float]
+    figure_pixels: torch.Tensor
+    figure_labels: list[int]
+    figure_maps: dict[str, torch.Tensor]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (without the figure tensors)."""
+        return {
+            "seed": self.seed,
+            "metrics": self.metrics,
+            "pretrain_final_loss": self.pretrain_final_loss,
+            "train_logs": self.train_logs,
+            "same_data_order": self.same_data_order,
+            "seconds": self.seconds,
+        }
+
+
+def run_seed(
+    config: ExperimentConfig,
+    seed: int,
+    split: str = "test",
+    figure_images: int = 0,
+    base_cache: dict | None = None,
+) -> SeedResult:
+    """Run the experiment for one seed, evaluating on `split` (``validation`` or ``test``).
+
+    `base_cache`, when given, keeps pre-trained bases across calls keyed by what they depend on (the search
+    fine-tunes one base many ways).
+    """
+    if split not in SPLIT_OFFSETS:
+        raise ValueError(f"split={split!r} is not one of {list(SPLIT_OFFSETS)}.")
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    processor = image_processor_for(config.scenes.image_size)
+    class_embeds = class_embeddings(len(CLASS_NAMES), config.tower.projection_dim, seed)
+    train = make_scenes(seed, config.train_size, config.scenes)
+    evaluation = make_scenes(seed, config.eval_size, config.scenes, start=SPLIT_OFFSETS[split])
+    eval_pixels = images_to_pixels(evaluation["image"], processor)
+    eval_masks = masks_to_tensor(evaluation["mask"], processor)
+    eval_labels = torch.tensor(evaluation["label"])
+    seconds["data"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    key = (seed, repr(config.scenes), repr(config.tower), repr(config.pretrain), config.train_size)
+    if base_cache is not None and key in base_cache:
+        base, pretrain_loss = base_cache[key]
+    else:
+        base = build_tower(config.tower, seed)
+        train_pixels = images_to_pixels(train["image"], processor)
+        losses = pretrain(
+            base, processor, train_pixels, torch.tensor(train["label"]), class_embeds, config.pretrain, seed
+        )
+        pretrain_loss = float(np.mean(losses[-50:]))
+        if base_cache is not None:
+            base_cache[key] = (base, pretrain_loss)
+    seconds["pretrain"] = time.perf_counter() - clock
+
+    def evaluate(model) -> tuple[dict[str, float], torch.Tensor]:
+        return evaluate_tower(
+            model,
+            processor,
+            eval_pixels,
+            eval_masks,
+            eval_labels,
+            class_embeds,
+            config.finetune.eps,
+            seed,
+            keep_maps=figure_images,
+        )
+
+    clock = time.perf_counter()
+    metrics, maps, logs, fingerprints = {}, {}, {}, {}
+    metrics["base"], maps["base"] = evaluate(base)
+    seconds["evaluate"] = time.perf_counter() - clock
+    train_images = train.select_columns(["image"])
+    for variant in tqdm(config.variants, desc=f"seed {seed}: fine-tuning", leave=False):
+        clock = time.perf_counter()
+        result = finetune(base, processor, train_images, variant, config.finetune, seed)
+        seconds[variant] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        metrics[variant], maps[variant] = evaluate(result.model)
+        seconds["evaluate"] += time.perf_counter() - clock
+        logs[variant] = result.log_history
+        fingerprints[variant] = result.fingerprints
+    orders = list(fingerprints.values())
+    return SeedResult(
+        seed=seed,
+        metrics=metrics,
+        pretrain_final_loss=pretrain_loss,
+        train_logs=logs,
+        same_data_order=all(order == orders[0] for order in orders),
+        seconds=seconds,
+        figure_pixels=eval_pixels[:figure_images],
+        figure_labels=eval_labels[:figure_images].tolist(),
+        figure_maps=maps,
+    )
