@@ -1,8 +1,9 @@
 """Throughput and memory of one AFT training step: the library's path against the reference algorithm's cost.
 
-    python benchmarks/aft_step.py                                       # ViT-B/32, batch 4, K=10, CPU: ~3 min
-    python benchmarks/aft_step.py --model vit-b-16 --steps 3            # the RESULTS.md comparison (CPU: ~30 min)
-    python benchmarks/aft_step.py --model tiny --attack_steps 0 1 2 5 10 --paths library    # scaling in K
+    python benchmarks/aft_step.py                  # ViT-B/32, batch 2, K=10, library vs naive: ~80 s on 2 CPU cores
+    python benchmarks/aft_step.py --model vit-b-16 --batch_size 4 --threads 1 \
+        --paths library library-precompute naive   # the RESULTS.md comparison: ~17 min
+    python benchmarks/aft_step.py --model vit-b-32 --batch_size 4 --attack_steps 0 1 2 5 10 --paths library
     python benchmarks/aft_step.py --model vit-b-16 --device cuda --precision bf16 --batch_size 64 --peak_tflops 989
 
 Nothing is downloaded: the vision tower is randomly initialised from a named architecture of
@@ -18,11 +19,15 @@ Paths:
   naive               the same Trainer with the reference implementation's step (RobustVLM's train loop): weights
                       requiring grad during the attack, a clean forward with graph even at clean weight 0 (alive
                       until the backward is done), always fp32.
+  naive-no-clean      naive without the clean forward: what freezing the weights during the attack alone saves.
 
-Reported: step time, images/s, peak memory (CPU: the process's resident-set high-water mark over the timed steps,
-total and above the resident set before them; CUDA: `torch.cuda.max_memory_allocated`), FLOPs of one step counted
-with `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions, attention; no element-wise ops) as
-forward-equivalents per image, achieved TFLOP/s and, with ``--peak_tflops``, MFU.
+Reported: step time and images/s; FLOPs of one step counted with `torch.utils.flop_counter.FlopCounterMode`
+(matmuls, convolutions, attention; not element-wise ops), as forward-equivalents per image, achieved TFLOP/s and,
+with ``--peak_tflops``, MFU; and the memory of one steady-state step, measured in a second process: ``peak`` is the
+process's peak during the step (CPU: resident-set high-water mark, with glibc set to return freed tensors at once;
+CUDA: `torch.cuda.max_memory_allocated`), ``step`` that peak minus what was resident when the step began (weights,
+reference, optimizer state). On a CPU shared with other jobs pass ``--threads 1``: two OpenMP threads waiting on a
+busy core made steps up to 10x slower in our runs.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from hf_clip_aft.loss import fare_loss
 from hf_clip_aft.model_configs import clip_config
 from hf_clip_aft.trainer import load_vision_tower
 
-PATHS = ("library", "library-precompute", "naive")
+PATHS = ("library", "library-precompute", "naive", "naive-no-clean")
 MIB = 2**20
 
 # FlopCounterMode has no formula for the CPU flash-attention kernels that sdpa runs on the CPU; they do the same
@@ -74,14 +79,17 @@ class ReferenceCostTrainer(AFTTrainer):
     the same seed. What differs is the waste: the attack runs with the weights still requiring grad (autograd keeps
     the activations their gradients would need), and a clean forward with graph runs even when its loss weight is 0,
     its graph alive until the backward is done (the reference frees it in its logging, after the optimizer step).
+    ``clean_forward=False`` leaves the second waste out.
     """
+
+    clean_forward = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pixels = inputs["pixel_values"]
         target = self.reference_embeds(model, pixels)
         attack_model = self._forward_model(model)
         adv_pixels = adversarial_perturbation(lambda x: self._embed(attack_model, x), pixels, target, self.args)
-        self._clean_embeds = self._embed(model, pixels)
+        self._clean_embeds = self._embed(model, pixels) if self.clean_forward else None
         w = self.args.clean_weight
         clean_loss = fare_loss(self._clean_embeds, target) if w > 0 else 0.0
         return w * clean_loss + (1 - w) * fare_loss(self._embed(model, adv_pixels), target)
@@ -98,7 +106,7 @@ class Setting:
 
     path: str
     model: str = "vit-b-32"
-    batch_size: int = 4
+    batch_size: int = 2
     attack_steps: int = 10
     precision: str = "fp32"
     device: str = "cpu"
@@ -227,7 +235,7 @@ def run_setting(setting: Setting, measure: str) -> dict:
         vision(pixel_values=torch.zeros(1, 3, size, size))
     forward_flops = counter.get_total_flops()
 
-    naive = setting.path == "naive"
+    naive = setting.path.startswith("naive")
     total_steps = setting.warmup + (setting.steps if measure == "time" else 1)
     with tempfile.TemporaryDirectory() as output_dir:
         args = AFTConfig(
@@ -253,6 +261,8 @@ def run_setting(setting: Setting, measure: str) -> dict:
         )
         probe = StepProbe(measure, setting.warmup, device)
         trainer_class = ReferenceCostTrainer if naive else AFTTrainer
+        if setting.path == "naive-no-clean":
+            trainer_class = type("NoCleanForwardTrainer", (ReferenceCostTrainer,), {"clean_forward": False})
         dataset = random_image_dataset(setting.batch_size * total_steps, size, setting.seed)
         trainer = trainer_class(vision, args=args, train_dataset=dataset, processing_class=processor, callbacks=[probe])
         precompute_s = None
@@ -322,7 +332,7 @@ def print_table(results: list[dict], peak_tflops: float | None) -> None:
     )
     for r in results:
         s = r["setting"]
-        precision = "fp32" if s["path"] == "naive" else s["precision"]
+        precision = "fp32" if s["path"].startswith("naive") else s["precision"]
         mfu = f"{r['tflops'] / peak_tflops:.1%}" if peak_tflops else "-"
         print(
             f"{s['path']:<19}{s['attack_steps']:>3}{s['batch_size']:>6}{precision:>6}{r['step_s']:>9.3f}"
@@ -339,7 +349,7 @@ def print_ratios(results: list[dict]) -> None:
         by_key.setdefault((s["attack_steps"], s["batch_size"]), {})[s["path"]] = r
     for (k, batch), paths in by_key.items():
         naive = paths.get("naive")
-        for name in ("library", "library-precompute"):
+        for name in ("library", "library-precompute", "naive-no-clean"):
             if naive is None or name not in paths:
                 continue
             lib = paths[name]
@@ -358,7 +368,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="vit-b-32", help="a named architecture (tiny, vit-b-16, vit-b-32, "
                         "vit-l-14, vit-l-14-336) or a local CLIP checkpoint")
     parser.add_argument("--paths", nargs="+", default=["library", "naive"], choices=PATHS)
-    parser.add_argument("--batch_size", nargs="+", type=int, default=[4], help="per-device batch size(s)")
+    parser.add_argument("--batch_size", nargs="+", type=int, default=[2], help="per-device batch size(s)")
     parser.add_argument("--attack_steps", nargs="+", type=int, default=[10], help="attack step count(s) K")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                         help="autocast of the library paths (the naive path is always fp32)")

@@ -17,9 +17,10 @@ from .modeling import EmbedFn
 
 ATTACK_NORMS = ("huber", "linf", "l2", "elastic")
 # The step only uses the gradient's direction, so the objective is scaled before differentiating. Under fp16 autocast
-# the backward's activation gradients are otherwise subnormal (measured on ViT-B/16: at most ~3e-5 < fp16's smallest
-# normal 6.1e-5) and lose their low bits; 2^16 lifts them into the normal range with ~2^15 headroom below fp16's
-# maximum. A power of two, so fp32 and bf16 steps are bit-identical with or without it.
+# the backward's activation gradients are otherwise subnormal (a random ViT-B/16: at most 3.1e-5 at batch 1, 3.1e-6
+# at batch 8, below fp16's smallest normal 6.1e-5; benchmarks/fp16_attack_gradient.py) and lose their low bits; 2^16
+# lifts them into the normal range with ~2^15 headroom below fp16's maximum. A power of two, so fp32 and bf16 steps
+# are bit-identical with or without it.
 OBJECTIVE_SCALE = 2.0**16
 
 

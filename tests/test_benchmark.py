@@ -37,7 +37,7 @@ def test_smoke_run_on_tiny(tmp_path):
                "--steps", "1", "--threads", "1", "--output", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "library/naive at K=2, batch 4: step time" in done.stdout
+    assert "library/naive at K=2, batch 2: step time" in done.stdout
     results = {r["setting"]["path"]: r for r in json.loads(out.read_text())["results"]}
     library, naive = results["library"], results["naive"]
     for r in (library, naive):
