@@ -2,7 +2,6 @@
 that the original LLaVA code base does."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
