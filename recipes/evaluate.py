@@ -1,29 +1,9 @@
-"""Compare CLIP image encoders (base vs AFT) on interpretability and zero-shot metrics.
+"""Compare CLIP image encoders on interpretability and zero-shot metrics: ``python recipes/evaluate.py --help``.
 
-    python recipes/evaluate.py --models openai/clip-vit-base-patch16 org/clip-aft-vit-b-16 \
-        --dataset frgfm/imagenette --split validation --metrics all --output eval/
-
-writes eval/results.json (schema hf_clip_aft.eval/v1), eval/summary.md (a markdown table, one column per model)
-and eval/saliency_grid.png (rows: images; columns: the image, then each model's map per method). Offline demo:
-
-    python recipes/evaluate.py --models hf_clip_aft/assets/tiny-clip outputs/demo \
-        --dataset hf_clip_aft/assets/photos --split train --limit 8 --output eval-demo/
-
-All settings: python recipes/evaluate.py --help (fields of hf_clip_aft.interpret.EvaluationArguments).
+The same as ``hf-clip-aft evaluate ...``; the command lives in ``hf_clip_aft/commands/evaluate.py``.
 """
 
-import logging
-
-from transformers import HfArgumentParser
-
-from hf_clip_aft.interpret import EvaluationArguments, evaluate_models
-
-
-def main() -> None:
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses()
-    evaluate_models(args)
-
+from hf_clip_aft.cli import run_command
 
 if __name__ == "__main__":
-    main()
+    run_command("evaluate")

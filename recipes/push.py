@@ -1,82 +1,9 @@
-"""Publish an AFT checkpoint on the Hub as a drop-in `CLIPModel` repository, with its model card.
+"""Publish an AFT checkpoint on the Hub: ``python recipes/push.py --checkpoint out/ --repo_id org/name --dry_run``.
 
-    python recipes/push.py --checkpoint out/ --repo_id org/clip-aft-vit-b-16 [--private] [--dry_run]
-        [--eval_results eval/results.json] [--base_model openai/clip-vit-base-patch16]
-
-`--checkpoint` is a training output folder (the export of the trainer's final save) or a ``checkpoint-N`` folder
-(a vision-only or LoRA/DoRA checkpoint: these need `--base_model` unless the adapter names its base). A clean folder
-is written to `--output_dir` (default ``<checkpoint>-hub``): the merged `CLIPModel`, processor, adapter (if any),
-README.md and ``aft_training.json``. It is validated (it must load as `CLIPModel`, `CLIPVisionModel` and
-`CLIPVisionModelWithProjection` and name no local path) and uploaded whole in one commit; `--dry_run` stops before
-the upload (no token needed) and prints what would be uploaded. The token comes from ``hf auth login`` or
-``HF_TOKEN``, and is never written anywhere.
+The same as ``hf-clip-aft push ...``; the command lives in ``hf_clip_aft/commands/push.py``.
 """
 
-from dataclasses import dataclass, field
-from pathlib import Path
-
-from transformers import HfArgumentParser
-
-from hf_clip_aft.export import export_checkpoint
-from hf_clip_aft.hub import check_push_access, format_listing, push_folder, upload_listing
-from hf_clip_aft.model_card import load_training_summary, write_model_card
-
-
-@dataclass
-class PushArguments:
-    checkpoint: str = field(metadata={"help": "Training output folder, or a checkpoint-N folder."})
-    repo_id: str = field(metadata={"help": "Target model repository, e.g. org/clip-aft-vit-b-16."})
-    private: bool = field(default=False, metadata={"help": "Create the repository private (if it does not exist)."})
-    dry_run: bool = field(default=False, metadata={"help": "Write and validate the folder; upload nothing."})
-    eval_results: str | None = field(
-        default=None, metadata={"help": "JSON written by recipes/evaluate.py; its results go into the card."}
-    )
-    eval_model: str | None = field(
-        default=None, metadata={"help": "This model's name in --eval_results, if it holds models besides the base."}
-    )
-    base_model: str | None = field(
-        default=None, metadata={"help": "The CLIP that was fine-tuned (needed for a checkpoint-N folder)."}
-    )
-    dataset_name: str | None = field(default=None, metadata={"help": "Training dataset, if the checkpoint lacks it."})
-    saliency_figure: str | None = field(
-        default=None,
-        metadata={"help": "Saliency comparison image for the card (default: saliency_grid.png beside --eval_results)."},
-    )
-    license: str | None = field(default=None, metadata={"help": "License; by default the base model's."})
-    output_dir: str | None = field(default=None, metadata={"help": "Folder to upload (default: <checkpoint>-hub)."})
-    revision: str | None = field(default=None, metadata={"help": "Branch to push to (default: the main branch)."})
-    commit_message: str = field(default="Upload AFT CLIP model", metadata={"help": "Commit message."})
-
-
-def main(args: PushArguments) -> None:
-    # Access is checked first: a missing token should not cost an export.
-    repo_id = args.repo_id if args.dry_run else check_push_access(args.repo_id, private=args.private)
-    output_dir = Path(args.output_dir or f"{args.checkpoint.rstrip('/')}-hub")
-    export_checkpoint(args.checkpoint, output_dir, base_model=args.base_model)
-    write_model_card(
-        output_dir,
-        load_training_summary(args.checkpoint),
-        base_model=args.base_model,
-        dataset_name=args.dataset_name,
-        eval_results_path=args.eval_results,
-        eval_model=args.eval_model,
-        repo_id=repo_id,
-        license=args.license,
-        saliency_figure=args.saliency_figure,
-    )
-    commit = push_folder(
-        output_dir,
-        repo_id,
-        private=args.private,
-        revision=args.revision,
-        commit_message=args.commit_message,
-        dry_run=args.dry_run,
-    )
-    if commit is None:
-        print(f"Validated {output_dir}; would upload to {repo_id}:\n{format_listing(upload_listing(output_dir))}")
-    else:
-        print(f"Pushed {output_dir} to {commit.commit_url}")
-
+from hf_clip_aft.cli import run_command
 
 if __name__ == "__main__":
-    main(HfArgumentParser(PushArguments).parse_args_into_dataclasses()[0])
+    run_command("push")

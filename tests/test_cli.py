@@ -4,7 +4,8 @@ import pytest
 from transformers import CLIPModel
 
 from hf_clip_aft import AFTConfig
-from hf_clip_aft.cli import ModelArguments, ScriptArguments, parse_args
+from hf_clip_aft.cli import parse_args, run_command
+from hf_clip_aft.commands.train import ModelArguments, ScriptArguments
 from conftest import PHOTOS, TINY_CLIP
 
 TYPES = (ScriptArguments, ModelArguments, AFTConfig)
@@ -34,18 +35,11 @@ def test_invalid_value_in_yaml_is_named(tmp_path):
 
 
 def test_demo_recipe_trains_and_saves_a_loadable_clip(tmp_path, capsys):
-    from importlib import import_module
-    import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-    try:
-        train = import_module("train")
-    finally:
-        sys.path.pop(0)
     demo = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "demo.yaml"
     out = tmp_path / "demo"
-    train.main([str(demo), "--model_name_or_path", TINY_CLIP, "--dataset_name", PHOTOS, "--output_dir", str(out),
+    run_command("train", [str(demo), "--model_name_or_path", TINY_CLIP, "--dataset_name", PHOTOS, "--output_dir", str(out),
                 "--max_steps", "3"])
     assert f'CLIPModel.from_pretrained("{out}")' in capsys.readouterr().out
     CLIPModel.from_pretrained(out)
