@@ -5,6 +5,9 @@ community writes them. The function is pure: it reads the budgets from any objec
 :class:`~hf_clip_aft.AFTConfig` or a `types.SimpleNamespace`), touches no model parameter, and returns detached
 adversarial pixels. Freezing the parameters during the attack is the caller's business
 (:func:`hf_clip_aft.modeling.frozen_parameters`), because only the caller knows which module holds them.
+
+Where the paper's text and the official training code (github.com/peterant330/CLIP_AFT) differ, the default follows
+the paper and a setting gives the official behaviour: ``docs/official_parity.md`` lists every difference.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import torch
 
 from .modeling import EmbedFn
 
-ATTACK_NORMS = ("huber", "linf", "l2", "elastic")
+ATTACK_NORMS = ("huber", "linf", "l2", "elastic", "group")
+ELASTIC_RULES = ("library", "official")
+# The official PGD's momentum (train/pgd_train.py:18); used by the rules that come from that code only.
+OFFICIAL_MOMENTUM = 0.9
 # The step only uses the gradient's direction, so the objective is scaled before differentiating. Under fp16 autocast
 # the backward's activation gradients are otherwise subnormal (a random ViT-B/16: at most 3.1e-5 at batch 1, 3.1e-6
 # at batch 8, below fp16's smallest normal 6.1e-5; benchmarks/fp16_attack_gradient.py) and lose their low bits; 2^16
@@ -31,6 +37,23 @@ class AttackSettings(Protocol):
     attack_eta: float  # penalty scale η, in units of 1/255
     noise_sigma: float  # std σ of the smoothing noise, in units of 1/255
     attack_norm: str  # one of ATTACK_NORMS
+    # Optional (read with a default, so that older settings objects keep working):
+    #   attack_group_size: int | None   side of the `group` norm's square blocks, in pixels (no default: required)
+    #   elastic_rule: str               "library" (default) or "official"
+    #   attack_momentum: float | None   None (default): see resolve_momentum
+    #   clamp_random_start: bool        True (default): project the random start, see adversarial_perturbation
+
+
+def resolve_momentum(norm: str, elastic_rule: str, momentum: float | None) -> float:
+    """The PGD momentum μ of a run: `momentum` when given, else the rule's own source.
+
+    None gives 0.9 for ``group`` and for ``elastic`` under ``elastic_rule="official"`` (both exist only in the official
+    code, which always steps with momentum 0.9) and 0 (plain PGD, the paper's text) for everything else.
+    """
+    if momentum is not None:
+        return momentum
+    official = norm == "group" or (norm == "elastic" and elastic_rule == "official")
+    return OFFICIAL_MOMENTUM if official else 0.0
 
 
 def embedding_distance(embeds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -38,18 +61,23 @@ def embedding_distance(embeds: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return (embeds - target).pow(2).sum(dim=-1)
 
 
-def norm_penalty(delta: torch.Tensor, norm: str, eps: float, eta: float) -> torch.Tensor:
+def norm_penalty(delta: torch.Tensor, norm: str, eps: float, eta: float, elastic_rule: str = "library") -> torch.Tensor:
     """The penalty P(δ) subtracted from the inner objective (ε, η in pixel units, i.e. already divided by 255).
 
     - ``huber``: ``(η/ε) · mean over batch and pixels of ||δ_pixel||₂`` (L2 over the colour channels);
-    - ``elastic``: ``(1/(4η)) · Σ (|δ| − ε)₊²`` per image, mean over the batch;
-    - ``linf`` and ``l2``: 0 (the budget is a hard projection instead).
+    - ``elastic``, ``elastic_rule="library"``: ``(1/(4η)) · Σ (|δ| − ε)₊²`` per image, mean over the batch: only the
+      elements outside the box [−ε, ε] are penalised;
+    - ``elastic``, ``elastic_rule="official"``: ``(1/(4η)) · Σ (|δ| − ε)²`` per image, mean over the batch, over every
+      element, inside the box too (train/pgd_train.py:38 clamps after squaring, which never acts);
+    - ``linf``, ``l2`` and ``group``: 0 (the budget is a hard projection instead).
     """
     if norm == "huber":
         return (eta / eps) * torch.linalg.vector_norm(delta, dim=1).mean()
     if norm == "elastic":
-        excess = (delta.abs() - eps).clamp(min=0)
-        return (excess.pow(2).flatten(1).sum(dim=1) / (4 * eta)).mean()
+        gap = delta.abs() - eps
+        if elastic_rule == "library":
+            gap = gap.clamp(min=0)
+        return (gap.pow(2).flatten(1).sum(dim=1) / (4 * eta)).mean()
     return delta.new_zeros(())
 
 
@@ -61,9 +89,11 @@ def inner_objective(
     norm: str,
     eps: float,
     eta: float,
+    elastic_rule: str = "library",
 ) -> torch.Tensor:
     """L_in(δ) = mean over the batch of ``||f(pixels + δ) − e0||²`` minus the norm penalty (a scalar)."""
-    return embedding_distance(embed_fn(pixels + delta), target_embeds).mean() - norm_penalty(delta, norm, eps, eta)
+    penalty = norm_penalty(delta, norm, eps, eta, elastic_rule)
+    return embedding_distance(embed_fn(pixels + delta), target_embeds).mean() - penalty
 
 
 def _l2_renorm(delta: torch.Tensor, radius: float) -> torch.Tensor:
@@ -72,9 +102,79 @@ def _l2_renorm(delta: torch.Tensor, radius: float) -> torch.Tensor:
     return delta * (radius / norms.clamp(min=1e-12)).clamp(max=1.0)
 
 
-def _project(delta: torch.Tensor, pixels: torch.Tensor, norm: str, eps: float) -> torch.Tensor:
+def check_group_size(group_size: int | None, height: int, width: int) -> int:
+    """`group_size` (pixels) when it divides the image; a ValueError naming both sizes otherwise."""
+    if group_size is None:
+        raise ValueError(
+            "attack_norm='group' needs attack_group_size (pixels): AFTTrainer fills in the model's patch size; "
+            "set it yourself when calling adversarial_perturbation directly."
+        )
+    if group_size < 1 or height % group_size or width % group_size:
+        raise ValueError(
+            f"attack_group_size={group_size} px does not divide the image size {height}×{width} px: set "
+            f"attack_group_size to a divisor of both (the model's patch size always is one)."
+        )
+    return group_size
+
+
+def _group_blocks(t: torch.Tensor, size: int) -> torch.Tensor:
+    """``(B, C, H, W)`` viewed as ``(B, C, H/size, size, W/size, size)``: one block per patch and colour channel."""
+    b, c, h, w = t.shape
+    return t.reshape(b, c, h // size, size, w // size, size)
+
+
+def group_norms(t: torch.Tensor, size: int) -> torch.Tensor:
+    """The L2 norm of every non-overlapping ``size × size`` block of every channel: ``(B, C, H/size, W/size)``."""
+    return torch.linalg.vector_norm(_group_blocks(t, size), dim=(3, 5))
+
+
+def _group_scale(t: torch.Tensor, size: int, scale) -> torch.Tensor:
+    """`t` with each block multiplied by ``scale(block norms)`` (shape ``(B, C, H/size, W/size)``)."""
+    factor = scale(group_norms(t, size))[:, :, :, None, :, None]
+    return (_group_blocks(t, size) * factor).reshape(t.shape)
+
+
+def group_project(delta: torch.Tensor, radius: float, size: int) -> torch.Tensor:
+    """Scale every block (patch × colour channel) whose L2 norm exceeds `radius` down to `radius`; others unchanged.
+
+    The official code's ``group`` projection (train/utils.py:116-123) for any image size that `size` divides.
+    """
+    return _group_scale(delta, size, lambda norms: (radius / norms.clamp(min=1e-12)).clamp(max=1.0))
+
+
+def group_normalize(grad: torch.Tensor, size: int) -> torch.Tensor:
+    """`grad` divided by the L2 norm of its block (patch × colour channel): every block gets norm 1.
+
+    The official ``group`` gradient normalisation (train/utils.py:142-146); an all-zero block stays zero here,
+    where the official code divides 0 by 0.
+    """
+    return _group_scale(grad, size, lambda norms: 1 / norms.clamp(min=1e-12))
+
+
+def _direction_kind(norm: str, elastic_rule: str) -> str:
+    """How a norm normalises its steps: per block (``group``), per image (``l2``, official elastic), or the sign."""
+    if norm == "group":
+        return "group"
+    if norm == "l2" or (norm == "elastic" and elastic_rule == "official"):
+        return "l2"
+    return "sign"
+
+
+def _direction(grad: torch.Tensor, kind: str, group_size: int | None) -> torch.Tensor:
+    """The ascent direction of `grad`: its sign, its per-image L2 normalisation, or its per-block one."""
+    if kind == "l2":
+        grad_norm = torch.linalg.vector_norm(grad.flatten(1), dim=1).view(-1, 1, 1, 1)
+        return grad / grad_norm.clamp(min=1e-12)
+    if kind == "group":
+        return group_normalize(grad, group_size)
+    return grad.sign()
+
+
+def _project(delta: torch.Tensor, pixels: torch.Tensor, norm: str, eps: float, group_size: int | None) -> torch.Tensor:
     if norm == "l2":
         delta = _l2_renorm(delta, eps)
+    elif norm == "group":
+        delta = group_project(delta, eps, group_size)
     elif norm != "elastic":  # elastic is penalty-only: no box projection
         delta = delta.clamp(-eps, eps)
     return (pixels + delta).clamp(0, 1) - pixels
@@ -88,20 +188,35 @@ def adversarial_perturbation(
 ) -> torch.Tensor:
     """Adversarial pixels ``x + δ*`` (detached, in [0, 1]) that push ``embed_fn`` away from `target_embeds`.
 
-    K = ``config.attack_steps`` steps of size α from a uniform random start in the ε-ball. At each step a fresh
-    Gaussian sample z ~ N(0, σ²) smooths the clean image (x̃ = clamp(x + z, 0, 1)), the ascent direction is the
-    gradient of ``||f(x̃ + δ) − e0||² − P(δ)`` (signed for the box norms, L2-normalised per image for ``l2``), and δ
-    is projected back into the budget and the image range. The returned image carries no smoothing noise.
+    K = ``config.attack_steps`` steps of size α from a uniform random start δ₀ ~ U(−ε, ε). With
+    ``clamp_random_start`` (default) δ₀ is first projected into the budget and x + δ₀ into [0, 1]; without it δ₀ is
+    used as drawn (the official code). At each step a fresh Gaussian sample z ~ N(0, σ²) smooths the clean image
+    (x̃ = clamp(x + z, 0, 1)), and with g the gradient of ``||f(x̃ + δ) − e0||² − P(δ)``:
+
+        d = N(g);  with momentum μ > 0: v ← N(μ·v + d), d = v;  δ ← Π(δ + α·d)
+
+    where N is the sign for ``huber``, ``linf`` and the library's ``elastic``, the L2 normalisation per image for
+    ``l2`` and the official ``elastic``, and the L2 normalisation per block (patch × colour channel) for ``group``;
+    Π projects onto the budget (box, L2 ball, per-block L2 balls of radius ε, nothing for elastic), then x + δ onto
+    [0, 1]. This is the official update order (train/pgd_train.py:51-66). The returned image carries no noise.
 
     Args:
         embed_fn: ``pixels -> embeddings``; its parameters should be frozen by the caller.
-        pixels: clean images ``(B, 3, H, W)`` in [0, 1].
+        pixels: clean images ``(B, 3, H, W)`` in [0, 1]; for ``group``, H and W multiples of the group size.
         target_embeds: the frozen reference embeddings e0 ``(B, D)``.
         config: budgets in units of 1/255 (see :class:`AttackSettings`).
     """
-    if config.attack_norm not in ATTACK_NORMS:
-        raise ValueError(f"attack_norm={config.attack_norm!r} is not one of {ATTACK_NORMS}.")
     norm = config.attack_norm
+    if norm not in ATTACK_NORMS:
+        raise ValueError(f"attack_norm={norm!r} is not one of {ATTACK_NORMS}.")
+    elastic_rule = getattr(config, "elastic_rule", "library")
+    if elastic_rule not in ELASTIC_RULES:
+        raise ValueError(f"elastic_rule={elastic_rule!r} is not one of {ELASTIC_RULES}.")
+    momentum = resolve_momentum(norm, elastic_rule, getattr(config, "attack_momentum", None))
+    group_size = getattr(config, "attack_group_size", None)
+    if norm == "group":
+        check_group_size(group_size, pixels.shape[-2], pixels.shape[-1])
+    kind = _direction_kind(norm, elastic_rule)
     eps, alpha = config.attack_eps / 255, config.attack_step_size / 255
     eta, sigma = config.attack_eta / 255, config.noise_sigma / 255
     pixels = pixels.detach()
@@ -110,21 +225,20 @@ def adversarial_perturbation(
         return pixels.clone()
 
     delta = torch.empty_like(pixels).uniform_(-eps, eps)
-    if norm == "l2":
-        delta = _l2_renorm(delta, eps)
-    delta = (pixels + delta).clamp(0, 1) - pixels
+    if getattr(config, "clamp_random_start", True):
+        delta = _project(delta, pixels, norm, eps, group_size)
 
+    velocity = torch.zeros_like(pixels)
     for _ in range(config.attack_steps):
         smoothed = (pixels + sigma * torch.randn_like(pixels)).clamp(0, 1) if sigma > 0 else pixels
         delta.requires_grad_(True)
         with torch.enable_grad():
-            objective = inner_objective(embed_fn, smoothed, delta, target_embeds, norm, eps, eta)
+            objective = inner_objective(embed_fn, smoothed, delta, target_embeds, norm, eps, eta, elastic_rule)
             (grad,) = torch.autograd.grad(objective * OBJECTIVE_SCALE, delta)
         with torch.no_grad():
-            if norm == "l2":
-                grad_norm = torch.linalg.vector_norm(grad.flatten(1), dim=1).view(-1, 1, 1, 1)
-                step = grad / grad_norm.clamp(min=1e-12)
-            else:
-                step = grad.sign()
-            delta = _project(delta + alpha * step, pixels, norm, eps)
+            step = _direction(grad, kind, group_size)
+            if momentum:
+                velocity = _direction(momentum * velocity + step, kind, group_size)
+                step = velocity
+            delta = _project(delta + alpha * step, pixels, norm, eps, group_size)
     return (pixels + delta).detach()

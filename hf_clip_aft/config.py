@@ -5,12 +5,47 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from torch import nn
 from transformers import TrainingArguments
 
-from .attack import ATTACK_NORMS
+from .attack import ATTACK_NORMS, ELASTIC_RULES, check_group_size
 from .loss import LOSS_TYPES
 
 logger = logging.getLogger(__name__)
+
+PRESETS = ("paper", "official")
+# What the official training code (github.com/peterant330/CLIP_AFT) runs, as AFTConfig values: the README's training
+# command where it passes a flag, the code itself elsewhere. docs/official_parity.md gives the file and line of each,
+# and recipes/configs/official-*.yaml set them all. The global batch (README: 128) is not a single field.
+OFFICIAL_SETTINGS = {
+    "attack_norm": "huber",
+    "attack_eps": 1.0,  # README --eps 1 (argparse default 4)
+    "attack_eta": 1.0,  # README --eps2 1 (argparse default 4)
+    "attack_step_size": 1.0,
+    "attack_steps": 10,
+    "noise_sigma": 1.0,  # hard-coded randn / 255
+    "attack_momentum": 0.9,
+    "elastic_rule": "official",
+    "clamp_random_start": False,
+    "loss_type": "fare",
+    "clean_weight": 0.0,
+    "embedding_normalize": True,  # README --output_normalize True (argparse default False)
+    "prompt_template": "This is a photo of a {}",
+    "learning_rate": 1e-5,
+    "weight_decay": 1e-4,
+    "weight_decay_all_parameters": True,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_epsilon": 1e-8,
+    "max_grad_norm": 0.0,  # no gradient clipping
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 1400,  # README --warmup 1400 (argparse default 14000)
+    "max_steps": 20000,
+    "bf16": False,  # fp32: no autocast anywhere
+    "fp16": False,
+    "seed": 0,
+    "preset": "official",
+}
 
 
 @dataclass
@@ -23,6 +58,9 @@ class AFTConfig(TrainingArguments):
     loss, AdamW β = (0.9, 0.95), peak learning rate 1e-5, weight decay 1e-4, cosine schedule with linear warm-up
     over 7% of the steps (1400 of 20000 in the reference runs), 2 epochs. The paper's global batch is 128 (64 for
     ViT-L/14): set ``per_device_train_batch_size × gradient_accumulation_steps × GPUs`` accordingly.
+
+    The official training code differs from the paper's text in places; :data:`OFFICIAL_SETTINGS` (set by
+    ``recipes/configs/official-*.yaml``) reproduces it, and ``docs/official_parity.md`` lists every difference.
     """
 
     # --- inner maximisation (the attack) ---
@@ -45,6 +83,40 @@ class AFTConfig(TrainingArguments):
     attack_eta: float = field(
         default=1.0,
         metadata={"help": "Penalty scale η of the huber and elastic norms, in units of 1/255 (paper: 1, i.e. 1/255)."},
+    )
+    attack_group_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Side in pixels of the square blocks of the 'group' norm (official code only): δ is kept in an "
+            "L2 ball of radius ε per block and colour channel, and steps are normalised per block. Must divide the "
+            "image size. Default: the model's patch size, filled in by AFTTrainer (the official code hard-codes "
+            "14 px at 224 px, whatever the model)."
+        },
+    )
+    elastic_rule: str = field(
+        default="library",
+        metadata={
+            "help": "Update of the 'elastic' norm. 'library': sign steps, penalty (1/(4η))·Σ(|δ|−ε)₊² on the "
+            "elements outside the box. 'official' (train/pgd_train.py): steps along the per-image L2-normalised "
+            "gradient with momentum, penalty (1/(4η))·Σ(|δ|−ε)² on every element, inside the box too.",
+            "choices": list(ELASTIC_RULES),
+        },
+    )
+    attack_momentum: float | None = field(
+        default=None,
+        metadata={
+            "help": "PGD momentum μ in [0, 1): v ← N(μ·v + N(g)), δ ← δ + α·v, N the norm's step normalisation "
+            "(the official order). Default None: 0.9 for 'group' and the official elastic rule (they exist only "
+            "in the official code, which always uses 0.9), 0 (plain PGD, the paper's text) otherwise. With sign "
+            "steps (huber, linf) μ changes a step only where the gradient is exactly 0."
+        },
+    )
+    clamp_random_start: bool = field(
+        default=True,
+        metadata={
+            "help": "Project the random start δ₀ ~ U(−ε, ε) into the budget and x + δ₀ into [0, 1] before the first "
+            "forward (library: True). False uses δ₀ as drawn, as the official code does."
+        },
     )
     noise_sigma: float = field(
         default=1.0,
@@ -90,7 +162,14 @@ class AFTConfig(TrainingArguments):
     # --- TrainingArguments whose defaults the paper sets ---
     learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate of AdamW (paper: 1e-5)."})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay (paper: 1e-4)."})
-    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW β₂ (paper: 0.95)."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW β₂ (paper: 0.95; official code: 0.999)."})
+    weight_decay_all_parameters: bool = field(
+        default=False,
+        metadata={
+            "help": "Apply weight decay to every parameter, as the official code's AdamW does. False (library): "
+            "the Trainer's rule, no decay on biases and LayerNorm weights."
+        },
+    )
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule (paper: cosine)."})
     warmup_steps: float = field(
         default=0.07,
@@ -98,6 +177,15 @@ class AFTConfig(TrainingArguments):
     )
     num_train_epochs: float = field(default=2.0, metadata={"help": "Epochs over the training set (paper: 2)."})
     logging_steps: float = field(default=10, metadata={"help": "Log every this many optimiser steps."})
+    preset: str = field(
+        default="paper",
+        metadata={
+            "help": "Which settings this run means to follow, recorded with the run: 'paper' (the paper's text, "
+            "the defaults) or 'official' (the official code, recipes/configs/official-*.yaml); with 'official', "
+            "every setting that differs from the official code's is named in a warning at start-up.",
+            "choices": list(PRESETS),
+        },
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Must stay False: the AFT collator reads the image column that Trainer would drop."},
@@ -110,6 +198,20 @@ class AFTConfig(TrainingArguments):
             ("attack_steps", self.attack_steps, self.attack_steps >= 0, "≥ 0 (paper: 10)"),
             ("noise_sigma", self.noise_sigma, self.noise_sigma >= 0, "≥ 0 (units of 1/255; paper: 1)"),
             ("attack_norm", self.attack_norm, self.attack_norm in ATTACK_NORMS, f"one of {ATTACK_NORMS}"),
+            (
+                "attack_group_size",
+                self.attack_group_size,
+                self.attack_group_size is None or self.attack_group_size >= 1,
+                "a positive number of pixels dividing the image size, or None for the model's patch size",
+            ),
+            ("elastic_rule", self.elastic_rule, self.elastic_rule in ELASTIC_RULES, f"one of {ELASTIC_RULES}"),
+            (
+                "attack_momentum",
+                self.attack_momentum,
+                self.attack_momentum is None or 0 <= self.attack_momentum < 1,
+                "in [0, 1) (official code: 0.9), or None for the rule's own default",
+            ),
+            ("preset", self.preset, self.preset in PRESETS, f"one of {PRESETS}"),
             ("loss_type", self.loss_type, self.loss_type in LOSS_TYPES, f"one of {LOSS_TYPES}"),
             ("clean_weight", self.clean_weight, 0 <= self.clean_weight <= 1, "in [0, 1] (paper: 0)"),
             ("prompt_template", self.prompt_template, "{}" in self.prompt_template, "a string containing '{}'"),
@@ -133,3 +235,31 @@ class AFTConfig(TrainingArguments):
                 self.attack_eps,
             )
         super().__post_init__()
+        if self.preset == "official":
+            differing = self.official_differences()
+            if differing:
+                logger.warning(
+                    "preset='official', but these settings differ from the official code's (official value in "
+                    "brackets): %s. See docs/official_parity.md.",
+                    ", ".join(f"{name}={value!r} [{OFFICIAL_SETTINGS[name]!r}]" for name, value in differing.items()),
+                )
+
+    def official_differences(self) -> dict[str, object]:
+        """The settings of this run that differ from :data:`OFFICIAL_SETTINGS`, with this run's values."""
+        values = {name: getattr(self, name) for name in OFFICIAL_SETTINGS}
+        values = {name: getattr(value, "value", value) for name, value in values.items()}  # enums by their names
+        return {name: value for name, value in values.items() if value != OFFICIAL_SETTINGS[name]}
+
+    def resolve_group_size(self, patch_size: int, image_size: int) -> None:
+        """For ``attack_norm="group"``: fill in ``attack_group_size`` (None → `patch_size`, in pixels) and check
+        that it divides `image_size` (pixels), with an error naming both otherwise. Nothing for the other norms."""
+        if self.attack_norm != "group":
+            return
+        if self.attack_group_size is None:
+            self.attack_group_size = patch_size
+        check_group_size(self.attack_group_size, image_size, image_size)
+
+    def decay_parameter_names(self, model: nn.Module, default: list[str]) -> list[str]:
+        """Names of the parameters AdamW decays: every parameter of `model` with ``weight_decay_all_parameters``
+        (the official code), else `default` (the Trainer's rule: no decay on biases and LayerNorm weights)."""
+        return [name for name, _ in model.named_parameters()] if self.weight_decay_all_parameters else default
