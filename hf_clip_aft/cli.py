@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "push": "hf_clip_aft.commands.push",
     "llava": "hf_clip_aft.commands.llava",
     "convert": "hf_clip_aft.commands.convert",
+    "llava_explain": "hf_clip_aft.commands.llava_explain",
 }
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
