@@ -218,7 +218,7 @@ def adversarial_perturbation(
         check_group_size(group_size, pixels.shape[-2], pixels.shape[-1])
     kind = _direction_kind(norm, elastic_rule)
     eps, alpha = config.attack_eps / 255, config.attack_step_size / 255
-    eta, sigma = config.attack_eta / 255, config.noise_sigma / 255
+    eta, sigma = config.attack_eta / 255, config.noise_sigma
     pixels = pixels.detach()
     target_embeds = target_embeds.detach()
     if config.attack_steps == 0 or eps == 0:
@@ -230,7 +230,8 @@ def adversarial_perturbation(
 
     velocity = torch.zeros_like(pixels)
     for _ in range(config.attack_steps):
-        smoothed = (pixels + sigma * torch.randn_like(pixels)).clamp(0, 1) if sigma > 0 else pixels
+        # randn · σ / 255 in this order: at σ = 1 the very noise of the official code (randn / 255)
+        smoothed = (pixels + torch.randn_like(pixels) * sigma / 255).clamp(0, 1) if sigma > 0 else pixels
         delta.requires_grad_(True)
         with torch.enable_grad():
             objective = inner_objective(embed_fn, smoothed, delta, target_embeds, norm, eps, eta, elastic_rule)

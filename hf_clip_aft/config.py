@@ -44,6 +44,7 @@ OFFICIAL_SETTINGS = {
     "bf16": False,  # fp32: no autocast anywhere
     "fp16": False,
     "seed": 0,
+    "dataloader_drop_last": True,
     "preset": "official",
 }
 
