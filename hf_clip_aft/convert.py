@@ -31,7 +31,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from hf_clip_aft.model_configs import HUB_IDS, clip_config
+from .model_configs import HUB_IDS, clip_config
+from .modeling import VISION_TRANSFORMER_PREFIX, vision_config_with_projection
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -224,7 +225,7 @@ def _check_vit_keys(state_dict: StateDict) -> int:
         hint = (
             " These look like transformers CLIP keys already: load them with CLIPVisionModelWithProjection."
             "from_pretrained instead."
-            if any(k.startswith("vision_model.") for k in unmapped)
+            if any(k.startswith(VISION_TRANSFORMER_PREFIX) for k in unmapped)
             else " Variants with LayerScale, attention pooling or a timm trunk have no transformers CLIP equivalent."
         )
         raise ValueError(
@@ -247,9 +248,7 @@ def _vision_config(base) -> CLIPVisionConfig:
     if isinstance(base, PreTrainedModel):
         base = base.config
     if isinstance(base, CLIPConfig):
-        config = copy.deepcopy(base.vision_config)
-        config.projection_dim = base.projection_dim  # CLIPModel sizes visual_projection from the top-level value
-        return config
+        return vision_config_with_projection(base)
     if isinstance(base, CLIPVisionConfig):
         return copy.deepcopy(base)
     raise TypeError(

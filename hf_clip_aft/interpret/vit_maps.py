@@ -16,19 +16,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import CLIPVisionModel
 
-from ..modeling import EmbedFn
+from ..modeling import EmbedFn, vision_transformer
 from .faithfulness import ScoreFn
-
-
-def vision_transformer(model: nn.Module) -> CLIPVisionModel:
-    """The ViT image tower (`CLIPVisionModel`) inside `model`: a `CLIPModel`, `CLIPVisionModelWithProjection`, a
-    `CLIPVisionModel`, or any wrapper of them (peft, DDP)."""
-    for module in model.modules():
-        if isinstance(module, CLIPVisionModel):
-            return module
-    raise TypeError(f"{type(model).__name__} holds no CLIPVisionModel; pass a CLIP model with a ViT image tower.")
 
 
 def patch_grid(model: nn.Module, pixels: torch.Tensor) -> tuple[int, int]:

@@ -7,59 +7,14 @@ cosine similarity to the class embeddings.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm.auto import tqdm
 
-# The 7-template ensemble OpenAI selected for ImageNet (CLIP's prompt-engineering notebook): a standard, short
-# ensemble that scores close to the full 80-template one.
-PROMPT_TEMPLATES = (
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-)
+# Re-exported: the prompt ensemble is the evaluation's, built where the CLIP classes are known.
+from ..modeling import PROMPT_TEMPLATES, class_text_embeddings  # noqa: F401
+
 SINGLE_TEMPLATE = ("a photo of a {}.",)
-
-
-@torch.no_grad()
-def class_text_embeddings(
-    model: nn.Module,
-    tokenizer,
-    class_names: Sequence[str],
-    templates: Sequence[str] = PROMPT_TEMPLATES,
-    batch_size: int = 256,
-) -> torch.Tensor:
-    """L2-normalised prompt-ensemble embeddings ``(C, D)`` (float32, on the model's device) of `class_names`.
-
-    Args:
-        model: a `CLIPModel` (its text tower and projection are used).
-        tokenizer: the model's tokenizer (``CLIPProcessor.tokenizer``).
-        class_names: one name per class, in label order.
-        templates: prompt templates, each with one ``{}`` for the class name.
-        batch_size: prompts per forward pass.
-    """
-    if not class_names:
-        raise ValueError("class_names is empty; zero-shot classification needs at least one class.")
-    bad = [t for t in templates if t.count("{}") != 1]
-    if bad or not templates:
-        raise ValueError(f"Every template needs exactly one '{{}}' for the class name; got {list(templates)!r}.")
-    device = next(model.parameters()).device
-    prompts = [template.format(name) for name in class_names for template in templates]
-    embeds = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="class prompts", leave=False):
-        tokens = tokenizer(prompts[start : start + batch_size], padding=True, truncation=True, return_tensors="pt")
-        tokens = {key: value.to(device) for key, value in tokens.items()}
-        embeds.append(F.normalize(model.get_text_features(**tokens).pooler_output.float(), dim=-1))
-    per_template = torch.cat(embeds).view(len(class_names), len(templates), -1)
-    return F.normalize(per_template.mean(dim=1), dim=-1)
 
 
 def zero_shot_predictions(image_embeds: torch.Tensor, class_embeds: torch.Tensor) -> torch.Tensor:
