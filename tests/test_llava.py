@@ -14,8 +14,6 @@ from transformers import (
     CLIPModel,
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
-    LlamaConfig,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
@@ -30,19 +28,7 @@ from hf_clip_aft.model_configs import clip_config
 
 from test_export import TINY, fine_tuned_tower
 from test_hub import FakeHfApi, load_recipe
-
-IMAGE_TOKEN = 127
-NUM_PATCHES = (64 // 16) ** 2  # the tiny tower's 64-pixel images in 16-pixel patches
-
-
-def tiny_llava_config(vision_config=None, cls=LlavaConfig):
-    text = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    vision = vision_config or clip_config("tiny").vision_config
-    extra = {"image_grid_pinpoints": [[64, 64]]} if cls is LlavaNextConfig else {"image_seq_length": NUM_PATCHES}
-    return cls(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN, **extra)
+from tiny_llava import IMAGE_TOKEN, NUM_PATCHES, tiny_llava_config
 
 
 @pytest.fixture(scope="module")
