@@ -26,7 +26,7 @@ class RefuseHostSyncs(TorchFunctionMode):
 
 def attack_settings(norm: str) -> SimpleNamespace:
     return SimpleNamespace(attack_eps=64.0 if norm == "l2" else 4.0, attack_step_size=1.0, attack_steps=3,
-                           attack_eta=1.0, noise_sigma=1.0, attack_norm=norm)
+                           attack_eta=1.0, noise_sigma=1.0, attack_norm=norm, attack_group_size=16)
 
 
 @pytest.fixture
