@@ -5,22 +5,20 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from pathlib import Path
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import datasets
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
-    AutoProcessor,
-    CLIPImageProcessor,
+    BaseImageProcessor,
     CLIPModel,
     CLIPTextModelWithProjection,
     CLIPVisionModelWithProjection,
@@ -35,17 +33,35 @@ from .attack import adversarial_perturbation
 from .config import AFTConfig
 from .data import (
     AFTDataCollator,
-    class_names as dataset_class_names,
+    clip_image_processor,
     find_image_column,
     images_to_pixels,
+    load_processor,
     open_image,
     prepare_dataset,
 )
+from .data import (
+    class_names as dataset_class_names,
+)
 from .loss import fare_loss, mean_cosine_similarity, tecoa_loss
-from .export import export_clip, hub_id
-from .hub import check_push_access, push_checkpoint, push_folder
-from .model_card import hardware_description, write_model_card
-from .modeling import encode_images, frozen_parameters, load_vision_tower
+from .modeling import (
+    class_text_embeddings,
+    encode_images,
+    frozen_parameters,
+    load_vision_tower,
+    vision_tower_of,
+)
+from .release import (
+    CardOptions,
+    TrainingRecord,
+    check_push_access,
+    export_clip,
+    push_checkpoint,
+    push_folder,
+    write_card,
+)
+from .release.names import hub_id
+from .release.record import hardware_description
 
 logger = logging.getLogger(__name__)
 
@@ -57,26 +73,15 @@ HUB_FOLDER = "_hub"  # under output_dir: the exact folder push_to_hub exports, v
 ROW_COLUMN = "aft_row"
 
 
-def vision_tower_of(clip: CLIPModel) -> CLIPVisionModelWithProjection:
-    """A `CLIPVisionModelWithProjection` holding a copy of `clip`'s vision tower and visual projection."""
-    config = copy.deepcopy(clip.config.vision_config)
-    config.projection_dim = clip.config.projection_dim
-    config._name_or_path = clip.config._name_or_path
-    vision = CLIPVisionModelWithProjection(config).to(dtype=clip.dtype)
-    state = {k: v for k, v in clip.state_dict().items() if k.startswith(("vision_model.", "visual_projection."))}
-    vision.load_state_dict(state, strict=True)
-    return vision
-
-
-def _load_processor(source: str | None, image_size: int) -> ProcessorMixin | CLIPImageProcessor:
+def _load_processor(source: str | None, image_size: int) -> ProcessorMixin | BaseImageProcessor:
     """The checkpoint's processor; a CLIP image processor sized for the model when the checkpoint has none."""
     if source is not None:
         try:
-            return AutoProcessor.from_pretrained(source)
+            return load_processor(source)
         except (OSError, ValueError) as err:
             logger.warning("No processor could be loaded from %s (%s).", source, err)
     logger.warning("Using CLIP's default image processor (OpenAI mean/std) at %d pixels.", image_size)
-    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    return clip_image_processor(image_size)
 
 
 def _pixels_or_blank(examples: list[dict[str, Any]], image_processor, image_column: str) -> dict[str, torch.Tensor]:
@@ -142,7 +147,7 @@ class AFTTrainer(Trainer):
     ``skipped_images`` (unreadable images skipped so far), all averaged over the logging window and the ranks.
     """
 
-    _tag_names = ["hf_clip_aft", "aft", "adversarial-training"]
+    _tag_names: ClassVar[list[str]] = ["hf_clip_aft", "aft", "adversarial-training"]
     # compute_loss returns a per-batch mean; the Trainer must still divide it by the accumulation steps, whatever
     # it infers from the `labels` key and the model's **kwargs.
     loss_is_scaled_for_ga = False
@@ -153,7 +158,7 @@ class AFTTrainer(Trainer):
         args: AFTConfig | None = None,
         train_dataset: Dataset | None = None,
         eval_dataset: Dataset | None = None,
-        processing_class: ProcessorMixin | CLIPImageProcessor | None = None,
+        processing_class: ProcessorMixin | BaseImageProcessor | None = None,
         data_collator: Callable | None = None,
         peft_config: Any | None = None,
         class_names: list[str] | None = None,
@@ -183,6 +188,7 @@ class AFTTrainer(Trainer):
             args = AFTConfig(output_dir=f"{name.rstrip('/').split('/')[-1]}-AFT")
         if not isinstance(args, AFTConfig):
             raise TypeError(f"args must be an AFTConfig, got {type(args).__name__}.")
+        args.resolve_group_size(vision.config.patch_size, vision.config.image_size)  # attack_norm="group" only
 
         source_path = self.base_model_source if isinstance(self.base_model_source, str) else None
         if processing_class is None:
@@ -257,15 +263,14 @@ class AFTTrainer(Trainer):
         if tokenizer is None:
             raise ValueError("loss_type='tecoa' needs a processor with a tokenizer (a CLIPProcessor).")
         if isinstance(model, CLIPModel):
-            text_model = CLIPTextModelWithProjection(model.config.text_config)
-            text_model.text_model.load_state_dict(model.text_model.state_dict())
-            text_model.text_projection.load_state_dict(model.text_projection.state_dict())
+            text_model = model
         else:
             source = model if isinstance(model, str) else model.config._name_or_path
             text_model = CLIPTextModelWithProjection.from_pretrained(source)
-        tokens = tokenizer([template.format(name) for name in names], padding=True, return_tensors="pt")
-        with torch.no_grad():
-            return F.normalize(text_model(**tokens).text_embeds.float(), dim=-1)
+        return class_text_embeddings(text_model, tokenizer, names, templates=(template,))
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        return self.args.decay_parameter_names(model, super().get_decay_parameter_names(model))
 
     # --- the AFT step ---
 
@@ -411,61 +416,63 @@ class AFTTrainer(Trainer):
             metrics.clear()
         super().log(logs, start_time)
 
-    # --- saving ---
+    # --- the record, and the release steps that read it ---
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Write the drop-in `CLIPModel` folder (checkpoints during training keep the resumable training state).
-
-        The folder holds the fine-tuned vision tower and projection, the base model's text tower and logit scale,
-        and the processor: ``CLIPModel.from_pretrained(output_dir)`` loads it with plain transformers.
-        """
-        self._exporting = not _internal_call
-        try:
-            super().save_model(output_dir, _internal_call)
-        finally:
-            self._exporting = False
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if not getattr(self, "_exporting", False):
-            return super()._save(output_dir, state_dict)
-        if not self.args.should_save:
-            return
-        output_dir = output_dir or self.args.output_dir
-        trained = self.accelerator.unwrap_model(self.model)
-        if state_dict is not None:
-            # A sharded engine (FSDP, ZeRO-3) gathered the full weights: load them into a plain copy.
-            if not isinstance(trained, CLIPVisionModelWithProjection):
-                raise NotImplementedError(
-                    "Exporting a peft model trained under FSDP/ZeRO-3 is not supported here: save the adapter "
-                    "with save_model(_internal_call=True) and export with recipes/push.py --dry_run."
-                )
-            full = CLIPVisionModelWithProjection(trained.config)
-            full.load_state_dict(state_dict)
-            trained = full
-        export_clip(trained, self.base_model_source, output_dir, processor=self.processing_class)
-        self.write_model_card(output_dir)
-
-    def write_model_card(self, output_dir: str, **card_kwargs) -> None:
-        """README.md and aft_training.json of the export in `output_dir`.
-
-        `card_kwargs`: ``eval_results_path``, ``eval_model``, ``license``, ``saliency_figure``, ``dataset_name``
-        (see :func:`hf_clip_aft.model_card.write_model_card`).
-        """
+    def training_record(self) -> TrainingRecord:
+        """What this run was (:class:`~hf_clip_aft.release.TrainingRecord`), as far as it has gone."""
         runtime = next((log["train_runtime"] for log in reversed(self.state.log_history) if "train_runtime" in log), None)
         base = self.base_model_source
-        card_kwargs.setdefault("dataset_name", self.dataset_name)
-        write_model_card(
-            output_dir,
+        return TrainingRecord.from_config(
             self.args,
             base_model=base if isinstance(base, str) else hub_id(base),
+            dataset_name=self.dataset_name,
             train_runtime=runtime,
             hardware=hardware_description(self.args.device, self.args.world_size),
             global_steps=self.state.global_step or None,
-            repo_id=self.hub_model_id,
-            **card_kwargs,
+            skipped_images=self._skipped_total,
         )
 
-    # --- the Hub ---
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the drop-in `CLIPModel` folder with its training record and card (and push it with ``push_to_hub``).
+
+        The folder holds the fine-tuned vision tower and projection, the base model's text tower and logit scale,
+        the processor, ``training_record.json`` and README.md: ``CLIPModel.from_pretrained(output_dir)`` loads it
+        with plain transformers. Checkpoints during training (``_internal_call``) keep the resumable training state.
+        """
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call=True)
+        self.export(output_dir or self.args.output_dir)
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        return None
+
+    def _trained_tower(self) -> nn.Module:
+        """The trained tower, whole. A collective under FSDP / ZeRO-3 (every rank gathers the full weights)."""
+        trained = self.accelerator.unwrap_model(self.model)
+        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            return trained
+        state_dict = self.accelerator.get_state_dict(self.deepspeed if self.is_deepspeed_enabled else self.model)
+        if not isinstance(trained, CLIPVisionModelWithProjection):
+            raise NotImplementedError(
+                "Exporting a peft model trained under FSDP/ZeRO-3 is not supported here: save the adapter "
+                "with save_model(_internal_call=True) and export with recipes/push.py --dry_run."
+            )
+        full = CLIPVisionModelWithProjection(trained.config)
+        if self.args.should_save:  # where the gathered weights are complete
+            full.load_state_dict(state_dict)
+        return full
+
+    def export(self, folder: str, options: CardOptions | None = None) -> None:
+        """The release steps after training: export the drop-in folder with the run's record, then its card.
+
+        Call it on every rank (sharded weights are gathered); only the main process writes.
+        """
+        trained = self._trained_tower()
+        if not self.args.should_save:
+            return
+        record = self.training_record()
+        export_clip(trained, self.base_model_source, folder, processor=self.processing_class, record=record)
+        write_card(folder, record, options=options or CardOptions(repo_id=self.hub_model_id))
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """With ``push_to_hub``: check at init, not after training, that the token can write to the repo."""
@@ -485,27 +492,22 @@ class AFTTrainer(Trainer):
         token: str | None = None,
         revision: str | None = None,
         private: bool | None = None,
-        **card_kwargs,
+        card_options: CardOptions | None = None,
     ):
-        """Push the drop-in `CLIPModel` folder with its card, in one commit; never `output_dir` as a whole.
+        """Push the drop-in `CLIPModel` folder with its record and card, in one commit; never `output_dir` as a whole.
 
-        The folder is exported to ``<output_dir>/_hub`` from the current weights, validated, and uploaded as is
-        (`PreTrainedModel.push_to_hub` is not used: it would replace our card with its own). `card_kwargs` go to
-        :meth:`write_model_card` (e.g. ``eval_results_path``).
+        The folder is exported to ``<output_dir>/_hub`` from the current weights (:meth:`export`), validated, and
+        uploaded as is (`PreTrainedModel.push_to_hub` is not used: it would replace our card with its own).
+        `card_options`: what the card says beyond the record (:class:`~hf_clip_aft.release.CardOptions`).
         """
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         token = token if token is not None else self.args.hub_token
         if self.hub_model_id is None:
             self.init_hf_repo(token=token, private=private)
         folder = os.path.join(self.args.output_dir, HUB_FOLDER)
-        self._exporting = True  # on every rank: FSDP / ZeRO-3 gather the full weights inside save_model
-        try:
-            super().save_model(folder, _internal_call=True)  # internal: the Trainer's save does not push by itself
-        finally:
-            self._exporting = False
+        self.export(folder, card_options or CardOptions(repo_id=self.hub_model_id))
         if not self.is_world_process_zero():
             return None
-        self.write_model_card(folder, **card_kwargs)
         self._finish_current_push()
         return push_folder(
             folder,

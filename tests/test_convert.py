@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import CLIPModel, CLIPProcessor
 
-from hf_clip_aft.export import validate_export
+from hf_clip_aft.release.export import validate_export
 from hf_clip_aft.convert import convert_open_clip_visual
 from hf_clip_aft.model_configs import clip_config
 

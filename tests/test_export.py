@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoProcessor, CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
 
-from hf_clip_aft.export import export_checkpoint, export_clip, validate_export
+from hf_clip_aft.release.export import export_checkpoint, export_clip, validate_export
 from hf_clip_aft.modeling import quiet_transformers
 from hf_clip_aft.model_configs import clip_config
 from hf_clip_aft.modeling import encode_images

@@ -11,10 +11,10 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 from PIL import Image
 
-from hf_clip_aft import hub
+from hf_clip_aft.release import CardOptions, TrainingRecord, hub
 from hf_clip_aft.config import AFTConfig
-from hf_clip_aft.export import export_clip, private_strings
-from hf_clip_aft.model_card import load_eval_report, render_model_card, write_model_card
+from hf_clip_aft.release.card import read_eval_report, render_card, write_card
+from hf_clip_aft.release.export import export_clip, private_strings
 
 from test_export import TINY, fine_tuned_tower
 
@@ -22,13 +22,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_ID = "openai/clip-vit-base-patch16"
 
 
-def eval_report(tmp_path: Path, ours: str) -> Path:
+def eval_report(tmp_path: Path, ours: str, malformed: bool = False) -> Path:
     """An evaluation report in the suite's schema, with local paths where a user's would have them."""
     report = {
         "schema": "hf_clip_aft.eval/v1",
         "dataset": {"name": str(tmp_path / "photos"), "config": None, "split": "train", "num_images": 8},
         "models": [BASE_ID, ours],
-        "settings": {"batch_size": 8},
+        "settings": {"seed": 0, "limit": None, "metrics": ["accuracy", "insertion_auc"],
+                     "methods": ["simple_gradient"], "batch_size": 8},
         "results": [
             {"model": BASE_ID, "task": "zero-shot-image-classification", "metric": "accuracy", "method": None,
              "value": 0.5, "settings": {"attack_eps": 0}},
@@ -36,9 +37,10 @@ def eval_report(tmp_path: Path, ours: str) -> Path:
              "value": 0.625, "settings": {"attack_eps": 0}},
             {"model": ours, "task": "saliency", "metric": "insertion_auc", "method": "simple_gradient",
              "value": 0.3125, "settings": {}},
-            {"model": ours, "task": "saliency", "metric": "deletion_auc"},  # malformed: no value
         ],
     }  # fmt: skip
+    if malformed:
+        report["results"].append({"model": ours, "task": "saliency", "metric": "deletion_auc"})  # no value
     path = tmp_path / "results.json"
     path.write_text(json.dumps(report))
     return path
@@ -52,20 +54,21 @@ def args(tmp_path) -> AFTConfig:
 @pytest.fixture
 def published(tmp_path, args) -> Path:
     """An export with its card, as the trainer's final save writes it."""
-    folder = export_clip(fine_tuned_tower(), TINY, tmp_path / "export")
-    write_model_card(
-        folder, args, base_model=TINY, dataset_name=str(tmp_path / "photos"), train_runtime=12.5,
-        hardware="1 × CPU", global_steps=3, license="mit",
+    record = TrainingRecord.from_config(
+        args, base_model=TINY, dataset_name=str(tmp_path / "photos"), train_runtime=12.5, hardware="1 × CPU",
+        global_steps=3,
     )  # fmt: skip
+    folder = export_clip(fine_tuned_tower(), TINY, tmp_path / "export", record=record)
+    write_card(folder, record, options=CardOptions(license="mit"))
     return folder
 
 
 def test_card_parses_back_with_its_model_index_and_names_no_local_path(tmp_path, args):
     report = eval_report(tmp_path, ours=str(tmp_path / "export"))
-    card = render_model_card(
+    record = TrainingRecord.from_config(
         args, base_model=BASE_ID, dataset_name="ILSVRC/imagenet-1k", train_runtime=7380.0, hardware="8 × GPU",
-        eval_results_path=report, repo_id="org/clip-aft-vit-b-16", license="mit",
     )  # fmt: skip
+    card = render_card(record, read_eval_report(report), CardOptions(repo_id="org/clip-aft-vit-b-16", license="mit"))
     card.save(tmp_path / "README.md")
     loaded = ModelCard.load(tmp_path / "README.md")
     data = loaded.data
@@ -91,21 +94,23 @@ def test_card_without_results_has_no_numbers(published):
     text = (published / "README.md").read_text()
     assert "model-index" not in text and "No evaluation results" in text
     assert ModelCard.load(published / "README.md").data.eval_results is None
-    summary = json.loads((published / "aft_training.json").read_text())
+    summary = json.loads((published / "training_record.json").read_text())
     assert summary["base_model"] == "tiny-clip" and summary["base_model_on_hub"] is False
     assert summary["hyperparameters"]["attack_eps"] == 4.0
     assert private_strings(published) == []
 
 
-def test_eval_report_is_read_defensively(tmp_path):
-    path = eval_report(tmp_path, ours="mine")
-    assert len(load_eval_report(path)["results"]) == 3  # the malformed entry is dropped
+def test_eval_report_is_read_through_the_suite_schema(tmp_path):
+    report = read_eval_report(eval_report(tmp_path, ours="mine"))
+    assert len(report["results"]) == 3
+    with pytest.raises(ValueError, match=r"results\[3\]"):  # a malformed entry is named, not published
+        read_eval_report(eval_report(tmp_path, ours="mine", malformed=True))
     (tmp_path / "bad.json").write_text(json.dumps({"schema": "other"}))
     with pytest.raises(ValueError, match="hf_clip_aft.eval/v1"):
-        load_eval_report(tmp_path / "bad.json")
+        read_eval_report(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="eval_model"):  # two candidates when the base is not named
-        render_model_card(None, eval_results_path=path)
-    card = render_model_card(None, eval_results_path=path, eval_model="mine")
+        render_card(TrainingRecord(), report)
+    card = render_card(TrainingRecord(), report, CardOptions(eval_model="mine"))
     assert len(card.data.eval_results) == 2
 
 
@@ -156,7 +161,7 @@ def test_dry_run_validates_and_contacts_nobody(published, fake_api):
     assert hub.push_folder(published, "org/clip-aft", dry_run=True) is None
     assert fake_api.calls == []
     names = [name for name, _ in hub.upload_listing(published)]
-    assert names == sorted(["README.md", "aft_training.json", "config.json", "model.safetensors",
+    assert names == sorted(["README.md", "training_record.json", "config.json", "model.safetensors",
                             "preprocessor_config.json", "tokenizer.json",
                             "tokenizer_config.json"])  # fmt: skip
 

@@ -20,10 +20,10 @@ from transformers import (
     LlavaProcessor,
 )
 
-from hf_clip_aft.export import export_clip, private_strings
+from hf_clip_aft.release.export import export_clip, private_strings
 from hf_clip_aft.modeling import quiet_transformers
-from hf_clip_aft.llava import save_llava, swap_llava_vision_tower, validate_llava_folder, vision_tower_state
-from hf_clip_aft.model_card import render_llava_card
+from hf_clip_aft.release.llava import save_llava, swap_llava_vision_tower, validate_llava_folder, vision_tower_state
+from hf_clip_aft.release.card import render_llava_card
 from hf_clip_aft.model_configs import clip_config
 
 from test_export import TINY, fine_tuned_tower
@@ -171,7 +171,7 @@ def test_llava_card_parses_and_names_no_local_path(aft_export, tmp_path):
 
 
 def test_llava_recipe_end_to_end_with_a_dry_run_push(aft_export, llava_checkpoint, tmp_path, monkeypatch):
-    from hf_clip_aft import hub
+    from hf_clip_aft.release import hub
 
     FakeHfApi.calls, FakeHfApi.fail = [], {}
     monkeypatch.setattr(hub, "HfApi", FakeHfApi)

@@ -16,8 +16,7 @@ from pathlib import Path
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 
-from hf_clip_aft import convert_open_clip_visual, export_clip
-from hf_clip_aft.model_card import write_model_card
+from hf_clip_aft import TrainingRecord, convert_open_clip_visual, export_clip, write_card
 
 # The weight files open_clip reads from a Hub repo; it prefers the safetensors one.
 OPEN_CLIP_SAFETENSORS, OPEN_CLIP_BIN = "open_clip_model.safetensors", "open_clip_pytorch_model.bin"
@@ -59,8 +58,9 @@ def main(args: ConvertArguments) -> Path:
         raise ValueError("Give exactly one of --checkpoint (a local file) and --hub_checkpoint (a Hub repo id).")
     path = args.checkpoint or download_open_clip_checkpoint(args.hub_checkpoint, args.hub_filename)
     vision = convert_open_clip_visual(path, args.base)
-    output = export_clip(vision, args.base, args.output)
     source = path if args.checkpoint else f"{args.hub_checkpoint}/{Path(path).name}"
-    write_model_card(output, None, base_model=args.base, weights_source=source)
+    record = TrainingRecord.from_config(None, base_model=args.base, weights_source=source)
+    output = export_clip(vision, args.base, args.output, record=record)
+    write_card(output, record)
     print(f'Wrote {output}. Load it with plain transformers: CLIPModel.from_pretrained("{output}")')
     return output

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoProcessor
 
-from hf_clip_aft.export import CARD_NAME
-from hf_clip_aft.hub import check_push_access, format_listing, push_folder, upload_listing
-from hf_clip_aft.llava import (
+from hf_clip_aft.release.card import render_llava_card
+from hf_clip_aft.release.export import CARD_NAME
+from hf_clip_aft.release.hub import check_push_access, format_listing, push_folder, upload_listing
+from hf_clip_aft.release.llava import (
     LLAVA_CLASSES,
     check_llava_vision_fit,
     save_llava,
@@ -29,7 +30,6 @@ from hf_clip_aft.llava import (
     validate_llava_folder,
     vision_tower_state,
 )
-from hf_clip_aft.model_card import render_llava_card
 
 
 @dataclass

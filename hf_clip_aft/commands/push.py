@@ -7,7 +7,7 @@
 `--checkpoint` is a training output folder (the export of the trainer's final save) or a ``checkpoint-N`` folder
 (a vision-only or LoRA/DoRA checkpoint: these need `--base_model` unless the adapter names its base). A clean folder
 is written to `--output_dir` (default ``<checkpoint>-hub``): the merged `CLIPModel`, processor, adapter (if any),
-README.md and ``aft_training.json``. It is validated (it must load as `CLIPModel`, `CLIPVisionModel` and
+README.md and ``training_record.json``. It is validated (it must load as `CLIPModel`, `CLIPVisionModel` and
 `CLIPVisionModelWithProjection` and name no local path) and uploaded whole in one commit; `--dry_run` stops before
 the upload (no token needed) and prints what would be uploaded. The token comes from ``hf auth login`` or
 ``HF_TOKEN``, and is never written anywhere.
@@ -18,9 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hf_clip_aft.export import export_checkpoint
-from hf_clip_aft.hub import check_push_access, format_listing, push_folder, upload_listing
-from hf_clip_aft.model_card import load_training_summary, write_model_card
+from hf_clip_aft.release import CardOptions, TrainingRecord, export_checkpoint, write_card
+from hf_clip_aft.release.hub import check_push_access, format_listing, push_folder, upload_listing
 
 
 @dataclass
@@ -57,18 +56,14 @@ def main(args: PushArguments) -> None:
     # Access is checked first: a missing token should not cost an export.
     repo_id = args.repo_id if args.dry_run else check_push_access(args.repo_id, private=args.private)
     output_dir = Path(args.output_dir or f"{args.checkpoint.rstrip('/')}-hub")
-    export_checkpoint(args.checkpoint, output_dir, base_model=args.base_model)
-    write_model_card(
-        output_dir,
-        load_training_summary(args.checkpoint),
-        base_model=args.base_model,
-        dataset_name=args.dataset_name,
-        eval_results_path=args.eval_results,
-        eval_model=args.eval_model,
-        repo_id=repo_id,
-        license=args.license,
-        saliency_figure=args.saliency_figure,
+    record = (TrainingRecord.load(args.checkpoint) or TrainingRecord()).with_sources(
+        base_model=args.base_model, dataset_name=args.dataset_name
     )
+    export_checkpoint(args.checkpoint, output_dir, base_model=args.base_model, record=record)
+    options = CardOptions(
+        repo_id=repo_id, license=args.license, eval_model=args.eval_model, saliency_figure=args.saliency_figure
+    )
+    write_card(output_dir, record, args.eval_results, options)
     commit = push_folder(
         output_dir,
         repo_id,

@@ -33,17 +33,26 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from .modeling import load_vision_tower, quiet_transformers
+from ..modeling import (
+    TEXT_PREFIXES,
+    VISION_PREFIXES,
+    VISION_PROJECTION_PREFIX,
+    load_vision_tower,
+    quiet_transformers,
+    vision_config_with_projection,
+)
+from .names import hub_id
+from .record import LEGACY_RECORD_NAME, RECORD_NAME, TrainingRecord
 
 logger = logging.getLogger(__name__)
 
-VISION_PREFIXES = ("vision_model.", "visual_projection.")
 ADAPTER_DIR = "adapter"
 CARD_NAME = "README.md"
-TRAINING_INFO_NAME = "aft_training.json"
 # What an export writes besides the processor files: a previous export's copies must not survive next to new ones
 # (a stale shard index or adapter would be loaded instead of, or along with, the new weights).
-_EXPORT_OWNED = ("model*.safetensors", "model.safetensors.index.json", ADAPTER_DIR, CARD_NAME, TRAINING_INFO_NAME)
+_EXPORT_OWNED = (
+    "model*.safetensors", "model.safetensors.index.json", ADAPTER_DIR, CARD_NAME, RECORD_NAME, LEGACY_RECORD_NAME,
+)  # fmt: skip
 # Training state and pickled weights: never part of a drop-in folder.
 _NOT_PUBLISHABLE = (
     "*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.h5", "*.msgpack",
@@ -54,25 +63,11 @@ _LOADING_KWARGS = (
     "is_local", "local_files_only", "cache_dir", "token", "use_auth_token", "_commit_hash", "name_or_path",
 )  # fmt: skip
 _TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{30,}")
-# The vision-only classes skip the text tower (and `CLIPVisionModel` the projection head, which LLaVA never uses).
-_TEXT_SIDE = ("text_model.", "text_projection.", "logit_scale")
 # The architecture fields a vision tower's weights depend on (and the input size its position embedding encodes).
 VISION_ARCH_FIELDS = (
     "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size", "image_size",
     "num_channels", "hidden_act", "layer_norm_eps",
 )  # fmt: skip
-
-
-def is_local_path(name: str | os.PathLike) -> bool:
-    """Whether `name` is a local path rather than a Hub id (absolute, home-relative, dotted, or existing here)."""
-    name = str(name)
-    return os.path.isabs(name) or name.startswith(("~", "./", "../", ".\\", "..\\")) or os.path.exists(name)
-
-
-def hub_id(source: Any) -> str | None:
-    """The Hub id of a model source (a string or a model's ``name_or_path``), or None when it is a local path."""
-    name = source if isinstance(source, str) else getattr(getattr(source, "config", None), "_name_or_path", None)
-    return name if name and not is_local_path(name) else None
 
 
 def vision_config_mismatch(ours, theirs) -> dict[str, tuple[Any, Any]]:
@@ -138,9 +133,9 @@ def legacy_processor_layout(folder: Path) -> None:
     load a CLIP processor from preprocessor_config.json and the tokenizer files alone (the Hub's CLIP layout).
     """
     path = folder / "processor_config.json"
-    if path.is_file() and (folder / "preprocessor_config.json").is_file():
-        if set(json.loads(path.read_text())) <= {"image_processor", "processor_class"}:
-            path.unlink()
+    repeated = path.is_file() and (folder / "preprocessor_config.json").is_file()
+    if repeated and set(json.loads(path.read_text())) <= {"image_processor", "processor_class"}:
+        path.unlink()
 
 
 @contextmanager
@@ -174,6 +169,7 @@ def export_clip(
     base: str | CLIPModel,
     output_dir: str | Path,
     processor=None,
+    record: TrainingRecord | None = None,
 ) -> Path:
     """Write a complete `CLIPModel` folder: `trained`'s vision tower and projection, `base`'s text tower.
 
@@ -186,6 +182,7 @@ def export_clip(
             no half-written export. Files of a previous export there are replaced.
         processor: the processor to save with the model (a `CLIPProcessor`; a bare image processor gets the base's
             tokenizer added).
+        record: the training record, saved with the model as ``training_record.json`` (the card reads it).
 
     Returns:
         `output_dir`, which :func:`validate_export` accepts.
@@ -210,8 +207,7 @@ def export_clip(
         raise ValueError(f"The trained tower does not fit the base CLIP: unexpected {unexpected}, missing {missing}.")
     base_name = base if isinstance(base, str) else base.config._name_or_path or None
     processor = _processor_with_tokenizer(processor, base_name)
-    # CLIPVisionModelWithProjection reads the projection size from the vision config, which some configs omit.
-    clip.config.vision_config.projection_dim = clip.config.projection_dim
+    clip.config.vision_config = vision_config_with_projection(clip.config)
     clip.config._name_or_path = ""  # the saved config must not carry a local path
 
     with staged_folder(output_dir) as staging:
@@ -223,11 +219,18 @@ def export_clip(
         legacy_processor_layout(staging)
         if hasattr(trained, "merge_and_unload"):
             _save_adapter(trained, staging / ADAPTER_DIR, hub_id(base))
+        if record is not None:
+            record.save(staging)
     return Path(output_dir)
 
 
-def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, base_model: str | None = None) -> Path:
-    """Export any AFT checkpoint folder to a clean drop-in folder (see :func:`export_clip`).
+def export_checkpoint(
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    base_model: str | None = None,
+    record: TrainingRecord | None = None,
+) -> Path:
+    """Export any AFT checkpoint folder to a clean drop-in folder (see :func:`export_clip`), with `record` in it.
 
     `checkpoint` is one of: an export folder (a `CLIPModel`, possibly among training state; its ``adapter/`` is
     kept), a vision-only checkpoint (``checkpoint-N`` of a full fine-tuning run), or a peft adapter folder
@@ -263,7 +266,7 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path, base_model
         processor = AutoProcessor.from_pretrained(checkpoint)
     except (OSError, ValueError):
         processor = None  # the checkpoint has no processor files: export_clip takes the base's
-    export_clip(trained, base, output_dir, processor=processor)
+    export_clip(trained, base, output_dir, processor=processor, record=record)
     if (checkpoint / ADAPTER_DIR).is_dir() and not adapter_config.is_file():
         shutil.copytree(checkpoint / ADAPTER_DIR, output_dir / ADAPTER_DIR, dirs_exist_ok=True)
     return output_dir
@@ -336,8 +339,8 @@ def validate_export(folder: str | Path) -> None:
     problems = publishability_problems(folder)
     allowed = {
         CLIPModel: (),
-        CLIPVisionModelWithProjection: _TEXT_SIDE,
-        CLIPVisionModel: _TEXT_SIDE + ("visual_projection.",),
+        CLIPVisionModelWithProjection: TEXT_PREFIXES,
+        CLIPVisionModel: TEXT_PREFIXES + (VISION_PROJECTION_PREFIX,),
     }
     with quiet_transformers():
         for cls, skippable in allowed.items():

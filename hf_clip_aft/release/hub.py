@@ -15,8 +15,8 @@ from pathlib import Path
 from huggingface_hub import CommitInfo, HfApi
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
+from .card import check_card
 from .export import validate_export
-from .model_card import check_card
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +90,10 @@ def push_folder(
     """Validate `folder`, then upload it whole to `repo_id` in one commit.
 
     Args:
-        folder: the folder to publish (an export with its card, see :func:`~hf_clip_aft.model_card.write_model_card`).
+        folder: the folder to publish (an export with its card, see :func:`~hf_clip_aft.release.card.write_card`).
         repo_id: the target model repo; created if missing (``exist_ok``).
         validate: raises ValueError if the folder must not be published; by default the drop-in CLIP checks of
-            :func:`~hf_clip_aft.export.validate_export`. The model card is always checked too.
+            :func:`~hf_clip_aft.release.export.validate_export`. The model card is always checked too.
         token: a Hub token; by default the logged-in one or ``HF_TOKEN``. It is never written anywhere.
         private: visibility if the repo gets created.
         revision: the branch to commit to (created if missing); the default branch by default.

@@ -27,6 +27,7 @@ from transformers import (
     PretrainedConfig,
 )
 
+from ..modeling import VISION_TRANSFORMER_PREFIX, quiet_transformers
 from .export import (
     merged_vision_tower,
     private_strings,
@@ -35,7 +36,6 @@ from .export import (
     staged_folder,
     vision_config_mismatch,
 )
-from .modeling import quiet_transformers
 
 LLAVA_CLASSES = (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)
 _TOWER_KEY = "vision_tower."
@@ -58,7 +58,7 @@ def vision_tower_state(vision: str | Path | nn.Module) -> tuple[CLIPVisionConfig
         return vision.config, vision.state_dict()
     if isinstance(vision, (CLIPModel, CLIPVisionModelWithProjection)):
         config = vision.config.vision_config if isinstance(vision, CLIPModel) else vision.config
-        prefix = "vision_model."
+        prefix = VISION_TRANSFORMER_PREFIX
         return config, {k[len(prefix) :]: v for k, v in vision.state_dict().items() if k.startswith(prefix)}
     raise TypeError(
         f"vision must be a Hub id or path, a CLIPModel, CLIPVisionModel or CLIPVisionModelWithProjection; got "
@@ -142,7 +142,7 @@ def saved_tower_weights(folder: str | Path) -> dict[str, torch.Tensor]:
             for key in f.keys():
                 if _TOWER_KEY in key:
                     name = key.split(_TOWER_KEY, 1)[1]
-                    weights[name.removeprefix("vision_model.")] = f.get_tensor(key)
+                    weights[name.removeprefix(VISION_TRANSFORMER_PREFIX)] = f.get_tensor(key)
     return weights
 
 
