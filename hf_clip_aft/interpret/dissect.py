@@ -25,8 +25,9 @@ Also available: hard WPMI (the same without the p_i) and cos³ (centred activati
 label is its most similar concept. A unit whose activation is constant over the probe set has no top-k images and
 gets no label. The share of *labelled* units counts units whose best similarity beats a permutation null: the
 ``null_quantile`` quantile of the best similarities of ``null_units`` copies of the layer's units with their
-activations shuffled across images (same P, same similarity function), so the threshold means the same thing for
-every similarity function, vocabulary and probe set. This null is ours, not the paper's.
+activations shuffled across images (same P, same similarity function, each copy in its original's place in the
+layer's marginal p(m)), so the threshold means the same thing for every similarity function, vocabulary and probe
+set. This null is ours, not the paper's.
 
 **Network Dissection** (Bau et al., CVPR 2017). Each unit's patch-grid activation map is upsampled (bilinear) to the
 concept-mask resolution and thresholded at T_k, the unit's top-``quantile`` activation over all grid cells of all
@@ -166,6 +167,23 @@ def _effective_top_k(top_k: int, num_images: int) -> int:
     return min(top_k, num_images)
 
 
+def _log_conditional(
+    activations: torch.Tensor, probs: torch.Tensor, top_k: int, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """``log p(m | B_k)`` ``(U, C)`` from concept probabilities Q ``(N, C)``; `weights` the inclusion
+    probabilities of soft-WPMI (None: WPMI, every top-k image certainly in B_k)."""
+    top = torch.topk(activations, k=top_k, dim=0).indices  # (k, U)
+    num_units = activations.shape[1]
+    chunk = max(1, _GATHER_ELEMENTS // (top_k * probs.shape[1]))
+    conditional = []
+    for start in tqdm(range(0, num_units, chunk), desc="similarity", leave=False, disable=num_units <= chunk):
+        picked = probs[top[:, start : start + chunk]]  # (k, u, C)
+        if weights is not None:
+            picked = 1 + weights.to(picked).view(-1, 1, 1) * (picked - 1)
+        conditional.append(torch.log(picked + MIN_PROB).sum(dim=0))
+    return torch.cat(conditional)
+
+
 def _pointwise_mutual_information(
     activations: torch.Tensor,
     image_concept: torch.Tensor,
@@ -173,20 +191,22 @@ def _pointwise_mutual_information(
     temperature: float,
     lam: float,
     weights: torch.Tensor | None,
+    reference: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
-    """``log p(m | B_k) - λ log p(m)`` ``(U, C)``; `weights` the inclusion probabilities of soft-WPMI (None: WPMI)."""
+    """``log p(m | B_k) - λ log p(m)`` ``(U, C)``. p(m) averages over these units, or with ``reference = (layer
+    (N, U'), replaces (U,))`` over the layer's units with unit ``replaces[k]`` swapped for unit k of `activations`."""
     probs = torch.softmax(temperature * image_concept.double(), dim=1)  # (N, C)
-    top = torch.topk(activations, k=top_k, dim=0).indices  # (k, U)
-    num_units, num_concepts = activations.shape[1], probs.shape[1]
-    chunk = max(1, _GATHER_ELEMENTS // (top_k * num_concepts))
-    conditional = []
-    for start in tqdm(range(0, num_units, chunk), desc="similarity", leave=False, disable=num_units <= chunk):
-        picked = probs[top[:, start : start + chunk]]  # (k, u, C)
-        if weights is not None:
-            picked = 1 + weights.to(picked).view(-1, 1, 1) * (picked - 1)
-        conditional.append(torch.log(picked + MIN_PROB).sum(dim=0))
-    conditional = torch.cat(conditional)  # (U, C)
-    marginal = torch.logsumexp(conditional, dim=0, keepdim=True) - math.log(num_units)
+    conditional = _log_conditional(activations, probs, top_k, weights)
+    if reference is None:
+        marginal = torch.logsumexp(conditional, dim=0, keepdim=True) - math.log(conditional.shape[0])
+    else:
+        layer, replaces = reference
+        base = _log_conditional(layer, probs, top_k, weights)  # (U', C)
+        total = torch.logsumexp(base, dim=0, keepdim=True)
+        # log(Σ_layer - p_replaced + p_k), shifted by the largest term so that exp() stays finite
+        shift = torch.maximum(total, conditional)
+        swapped = (total - shift).exp() - (base[replaces] - shift).exp() + (conditional - shift).exp()
+        marginal = swapped.clamp_min(torch.finfo(torch.float64).tiny).log() + shift - math.log(base.shape[0])
     return (conditional - lam * marginal).float()
 
 
@@ -198,12 +218,15 @@ def soft_wpmi(
     lam: float = SOFT_WPMI_LAMBDA,
     p_start: float = SOFT_WPMI_P_START,
     p_end: float = SOFT_WPMI_P_END,
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """CLIP-Dissect's soft-WPMI ``(U, C)`` of unit activations ``(N, U)`` and image–concept cosines P ``(N, C)``
-    (formula in the module docstring; nats, higher = the concept better describes the unit's top images)."""
+    (formula in the module docstring; nats, higher = the concept better describes the unit's top images).
+    `reference`: ``(layer activations (N, U'), replaces (U,))`` to score each unit in place of a layer unit (the
+    permutation null); default: `activations` are the layer, as published."""
     top_k = _effective_top_k(top_k, activations.shape[0])
     weights = rank_weights(top_k, p_start, p_end)
-    return _pointwise_mutual_information(activations, image_concept, top_k, temperature, lam, weights)
+    return _pointwise_mutual_information(activations, image_concept, top_k, temperature, lam, weights, reference)
 
 
 def wpmi(
@@ -212,15 +235,21 @@ def wpmi(
     top_k: int = WPMI_TOP_K,
     temperature: float = WPMI_TEMPERATURE,
     lam: float = WPMI_LAMBDA,
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """CLIP-Dissect's hard WPMI ``(U, C)``: soft-WPMI with every top-k image certainly in the example set (nats)."""
     top_k = _effective_top_k(top_k, activations.shape[0])
-    return _pointwise_mutual_information(activations, image_concept, top_k, temperature, lam, None)
+    return _pointwise_mutual_information(activations, image_concept, top_k, temperature, lam, None, reference)
 
 
-def cos_similarity_cubed(activations: torch.Tensor, image_concept: torch.Tensor) -> torch.Tensor:
+def cos_similarity_cubed(
+    activations: torch.Tensor,
+    image_concept: torch.Tensor,
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """CLIP-Dissect's cos³ ``(U, C)``: cosine over images of the centred, cubed activations ``(N, U)`` and P
-    ``(N, C)`` (in [-1, 1]; cubing emphasises the images where both are far from their mean)."""
+    ``(N, C)`` (in [-1, 1]; cubing emphasises the images where both are far from their mean). Each unit is scored
+    on its own, so `reference` is not used."""
 
     def centred_cubed(x: torch.Tensor) -> torch.Tensor:
         x = (x.double() - x.double().mean(dim=0, keepdim=True)) ** 3
@@ -243,8 +272,10 @@ def similarity_matrix(
     activations: torch.Tensor,
     image_concept: torch.Tensor,
     top_k: int | None = None,
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The named similarity ``(U, C)`` (see :data:`SIMILARITY_FUNCTIONS`); `top_k` None keeps the published one."""
+    """The named similarity ``(U, C)`` (see :data:`SIMILARITY_FUNCTIONS`); `top_k` None keeps the published one;
+    `reference` ``(layer (N, U'), replaces (U,))`` scores each unit in place of layer unit ``replaces[k]``."""
     if name not in SIMILARITY_FUNCTIONS:
         raise ValueError(f"similarity={name!r} is not one of {list(SIMILARITY_FUNCTIONS)}.")
     if activations.shape[0] != image_concept.shape[0]:
@@ -253,6 +284,8 @@ def similarity_matrix(
             "compute both on the same probe images."
         )
     options = {"top_k": top_k} if top_k is not None and name in TOP_K_FUNCTIONS else {}
+    if reference is not None:
+        options["reference"] = (reference[0].float(), reference[1])
     return SIMILARITY_FUNCTIONS[name](activations.float(), image_concept.float(), **options)
 
 
@@ -266,14 +299,17 @@ def null_threshold(
     generator: torch.Generator | None = None,
 ) -> float:
     """The labelled-unit threshold: the `quantile` of the best similarities of `num_units` null units, each a
-    randomly chosen non-constant unit of `activations` ``(N, U)`` with its values shuffled across the images."""
+    randomly chosen non-constant unit of `activations` ``(N, U)`` with its values shuffled across the images, scored
+    in its original's place in the layer's marginal log p(m) (so that it differs from a real unit only by its
+    images)."""
     varying = (~constant_units(activations)).nonzero().flatten()
     if len(varying) == 0:
         return math.inf
     chosen = varying[torch.randint(len(varying), (num_units,), generator=generator)]
     order = torch.argsort(torch.rand(activations.shape[0], num_units, generator=generator), dim=0)
     shuffled = activations[:, chosen].gather(0, order)
-    best = similarity_matrix(name, shuffled, image_concept, top_k).amax(dim=1)
+    # Each null unit takes its original's place in the layer: it differs from a real unit only by its images.
+    best = similarity_matrix(name, shuffled, image_concept, top_k, reference=(activations, chosen)).amax(dim=1)
     return torch.quantile(best.double(), quantile).item()
 
 
