@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "llava": "hf_clip_aft.commands.llava",
     "convert": "hf_clip_aft.commands.convert",
     "llava_explain": "hf_clip_aft.commands.llava_explain",
+    "dissect": "hf_clip_aft.commands.dissect",
 }
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
