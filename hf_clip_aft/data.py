@@ -15,8 +15,38 @@ from typing import Any
 import datasets
 import torch
 from PIL import Image
+from transformers import AutoImageProcessor, AutoProcessor, BaseImageProcessor, CLIPImageProcessorPil, ProcessorMixin
 
 logger = logging.getLogger(__name__)
+
+# The image-processor backend, chosen explicitly: transformers 5 picks torchvision when it is installed, and its
+# resize differs slightly from PIL's, so the same checkpoint would give different pixels on different machines.
+IMAGE_BACKEND = "pil"
+
+
+def load_image_processor(name_or_path: str) -> BaseImageProcessor:
+    """The checkpoint's image processor on the PIL backend (the same pixels on every machine)."""
+    return AutoImageProcessor.from_pretrained(name_or_path, backend=IMAGE_BACKEND)
+
+
+def load_processor(name_or_path: str) -> ProcessorMixin | BaseImageProcessor:
+    """The checkpoint's processor (`AutoProcessor`), its image processor on the PIL backend.
+
+    A checkpoint with no tokenizer gives the bare image processor. (``backend=`` cannot be passed to
+    `AutoProcessor` itself: the tokenizer would keep it and write it into its saved config.)
+    """
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    if isinstance(processor, BaseImageProcessor):
+        return load_image_processor(name_or_path)
+    if getattr(processor, "image_processor", None) is not None:
+        processor.image_processor = load_image_processor(name_or_path)
+    return processor
+
+
+def clip_image_processor(image_size: int) -> CLIPImageProcessorPil:
+    """CLIP's default image processor (OpenAI mean/std, bicubic resize + centre crop) for `image_size` pixels."""
+    size = {"shortest_edge": image_size}
+    return CLIPImageProcessorPil(size=size, crop_size={"height": image_size, "width": image_size})
 
 
 def load_image_dataset(

@@ -7,12 +7,21 @@ tower), a byte-level BPE tokenizer with no merges, and a CLIP image processor si
     python recipes/make_tiny_clip.py --output hf_clip_aft/assets/tiny-clip
 """
 
-import argparse
+from dataclasses import dataclass, field
+
 import torch
-from transformers import CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from hf_clip_aft.cli import parse_args
+from hf_clip_aft.data import clip_image_processor
 from hf_clip_aft.model_configs import TINY_VOCAB_SIZE, clip_config
+
+
+@dataclass
+class TinyClipArguments:
+    output: str = field(default="hf_clip_aft/assets/tiny-clip", metadata={"help": "Folder to write the model to."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random initialisation."})
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
@@ -25,22 +34,17 @@ def tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="hf_clip_aft/assets/tiny-clip")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-
+def main(args: TinyClipArguments) -> None:
     torch.manual_seed(args.seed)
     config = clip_config("tiny")
     model = CLIPModel(config)
-    size = config.vision_config.image_size
-    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer())
+    processor = CLIPProcessor(
+        image_processor=clip_image_processor(config.vision_config.image_size), tokenizer=tiny_tokenizer()
+    )
     model.save_pretrained(args.output)
     processor.save_pretrained(args.output)
     print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":
-    main()
+    main(*parse_args((TinyClipArguments,)))

@@ -14,14 +14,15 @@ and eval/saliency_grid.png (rows: images; columns: the image, then each model's 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from hf_clip_aft.interpret import EvaluationArguments, evaluate_models
 
 ARGUMENTS = (EvaluationArguments,)
 
 
-def main(args: EvaluationArguments) -> dict:
-    """Evaluate every model in ``args.models``; write results, summary and grid to ``args.output``; return the results."""
+def main(args: EvaluationArguments) -> dict[str, Any]:
+    """Evaluate ``args.models``; write the results, summary and grid to ``args.output``; return the results."""
     # The evaluation reports its progress through `logging`; a command shows it.
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     return evaluate_models(args)
