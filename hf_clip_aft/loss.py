@@ -19,7 +19,9 @@ def fare_loss(embeds: torch.Tensor, target_embeds: torch.Tensor) -> torch.Tensor
 def tecoa_loss(embeds: torch.Tensor, text_embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the zero-shot logits ``100 · normalize(f(x + δ*)) · Tᵀ`` against the class labels.
 
-    `text_embeds` ``(C, D)`` are the L2-normalised embeddings of the class prompts.
+    `text_embeds` ``(C, D)`` are the L2-normalised embeddings of the class prompts. The image embedding is always
+    normalised here; the official code normalises it only with ``--output_normalize True`` (its README's command,
+    matching ``embedding_normalize: true``), see docs/official_parity.md.
     """
     logits = TECOA_LOGIT_SCALE * F.normalize(embeds, dim=-1) @ text_embeds.t()
     return F.cross_entropy(logits, labels)
