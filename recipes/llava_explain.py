@@ -1,4 +1,4 @@
-"""Where LLaVA's answer looks, original vs AFT tower: ``python recipes/llava_explain.py recipes/configs/llava_explain.yaml``.
+"""Where LLaVA's answer looks, original vs AFT tower: ``python recipes/llava_explain.py <config.yaml> [--flags]``.
 
 The same as ``hf-clip-aft llava_explain ...``; the command lives in ``hf_clip_aft/commands/llava_explain.py``.
 """

@@ -16,22 +16,14 @@ IMAGE_TOKEN = 127
 NUM_PATCHES = (64 // 16) ** 2  # the tiny tower's 64-pixel images in 16-pixel patches
 
 
-def tiny_llava_config(
-    vision_config=None, cls=LlavaConfig, vocab_size=128, image_token=IMAGE_TOKEN
-):
+def tiny_llava_config(vision_config=None, cls=LlavaConfig, vocab_size=128, image_token=IMAGE_TOKEN):
     text = LlamaConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=128,
     )  # fmt: skip
     vision = vision_config or clip_config("tiny").vision_config
-    extra = (
-        {"image_grid_pinpoints": [[64, 64]]}
-        if cls is LlavaNextConfig
-        else {"image_seq_length": NUM_PATCHES}
-    )
-    return cls(
-        vision_config=vision, text_config=text, image_token_index=image_token, **extra
-    )
+    extra = {"image_grid_pinpoints": [[64, 64]]} if cls is LlavaNextConfig else {"image_seq_length": NUM_PATCHES}
+    return cls(vision_config=vision, text_config=text, image_token_index=image_token, **extra)
 
 
 def tiny_llava_with_processor(
@@ -45,7 +37,5 @@ def tiny_llava_with_processor(
         image_processor=CLIPImageProcessor.from_pretrained(clip_path), tokenizer=tokenizer, patch_size=16,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,  # CLS, as llava-hf processors
     )  # fmt: skip
-    config = tiny_llava_config(
-        vocab_size=len(tokenizer), image_token=processor.image_token_id
-    )
+    config = tiny_llava_config(vocab_size=len(tokenizer), image_token=processor.image_token_id)
     return LlavaForConditionalGeneration(config).eval(), processor

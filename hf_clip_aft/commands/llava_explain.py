@@ -58,65 +58,39 @@ LOCALISATION = ("pointing_game", "energy_pointing_game", "top_k_iou")
 
 @dataclass
 class LlavaExplainArguments:
-    llava: str = field(
-        metadata={
-            "help": "LLaVA-1.5 checkpoint in transformers format (Hub id or folder)."
-        }
-    )
-    vision: str = field(
-        metadata={
-            "help": "The AFT CLIP to swap in (an exported folder or its Hub repo)."
-        }
-    )
-    images: str = field(
-        metadata={"help": "A folder of images (imagefolder) or a Hub dataset id."}
-    )
-    output: str = field(
-        metadata={"help": "Folder for results.json, overview.png and figures/."}
-    )
+    llava: str = field(metadata={"help": "LLaVA-1.5 checkpoint in transformers format (Hub id or folder)."})
+    vision: str = field(metadata={"help": "The AFT CLIP to swap in (an exported folder or its Hub repo)."})
+    images: str = field(metadata={"help": "A folder of images (imagefolder) or a Hub dataset id."})
+    output: str = field(metadata={"help": "Folder for results.json, overview.png and figures/."})
     prompt: str = field(
         default="What is the main object in this picture?",
-        metadata={
-            "help": "The question; the image token and the processor's chat template are added if absent."
-        },
+        metadata={"help": "The question; the image token and the processor's chat template are added if absent."},
     )
     max_new_tokens: int = field(
         default=16,
-        metadata={
-            "help": f"Answer length cap in tokens (1 to {MAX_NEW_TOKENS_LIMIT})."
-        },
+        metadata={"help": f"Answer length cap in tokens (1 to {MAX_NEW_TOKENS_LIMIT})."},
     )
     word: str | None = field(
         default=None,
-        metadata={
-            "help": "Summarise the tokens of this word when an answer contains it (else the whole answer)."
-        },
+        metadata={"help": "Summarise the tokens of this word when an answer contains it (else the whole answer)."},
     )
     method: str = field(
         default="attention",
-        metadata={
-            "help": "attention (head/layer-averaged, first token removed) or relevancy (Chefer's rule)."
-        },
+        metadata={"help": "attention (head/layer-averaged, first token removed) or relevancy (Chefer's rule)."},
     )
     vision_weighting: bool = field(
         default=False,
-        metadata={
-            "help": "Carry the maps back through the vision tower up to the layer LLaVA reads."
-        },
+        metadata={"help": "Carry the maps back through the vision tower up to the layer LLaVA reads."},
     )
     split: str = field(default="train", metadata={"help": "Dataset split."})
-    dataset_config: str | None = field(
-        default=None, metadata={"help": "Dataset configuration name, if any."}
-    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name, if any."})
     image_column: str | None = field(
         default=None,
         metadata={"help": "Image column; the first Image column if unset."},
     )
     mask_column: str | None = field(
         default=None,
-        metadata={
-            "help": "Object-mask column for localisation metrics; 'mask'/'segmentation'/'annotation' if unset."
-        },
+        metadata={"help": "Object-mask column for localisation metrics; 'mask'/'segmentation'/'annotation' if unset."},
     )
     limit: int | None = field(
         default=None,
@@ -145,9 +119,7 @@ ARGUMENTS = (LlavaExplainArguments,)
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call ``write(temporary_path)`` then rename the result onto `path` (the suffix is kept for format sniffing)."""
-    handle, temporary = tempfile.mkstemp(
-        prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent
-    )
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
     os.close(handle)
     try:
         write(temporary)
@@ -161,23 +133,9 @@ def _load(args: LlavaExplainArguments) -> tuple[LlavaForConditionalGeneration, o
     architectures = AutoConfig.from_pretrained(args.llava).architectures or []
     for name in architectures:
         check_llava_architecture(name)  # before loading gigabytes
-    device = (
-        args.device
-        if args.device != "auto"
-        else "cuda"
-        if torch.cuda.is_available()
-        else "cpu"
-    )
-    dtype = (
-        args.dtype
-        if args.dtype != "auto"
-        else "bfloat16"
-        if device.startswith("cuda")
-        else "float32"
-    )
-    model = LlavaForConditionalGeneration.from_pretrained(
-        args.llava, dtype=dtype, attn_implementation="eager"
-    )
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
+    model = LlavaForConditionalGeneration.from_pretrained(args.llava, dtype=dtype, attn_implementation="eager")
     return model.to(device).eval(), AutoProcessor.from_pretrained(args.llava)
 
 
@@ -188,9 +146,7 @@ def _rows(args: LlavaExplainArguments):
     mask_column = _mask_column(dataset.features, image_column, args.mask_column)
     if args.limit is not None:
         if args.limit < 1:
-            raise ValueError(
-                f"limit={args.limit} must be a positive number of images (or omitted for all)."
-            )
+            raise ValueError(f"limit={args.limit} must be a positive number of images (or omitted for all).")
         dataset = dataset.select(range(min(args.limit, len(dataset))))
     dataset = prepare_dataset(dataset, image_column)
     if mask_column is not None:
@@ -200,9 +156,7 @@ def _rows(args: LlavaExplainArguments):
         value = row[image_column]
         stem = Path(value.get("path") or "").stem if isinstance(value, dict) else ""
         mask = None if mask_column is None else open_image(row[mask_column])
-        rows.append(
-            (f"{index:04d}_{stem}" if stem else f"{index:04d}", open_image(value), mask)
-        )
+        rows.append((f"{index:04d}_{stem}" if stem else f"{index:04d}", open_image(value), mask))
     return rows, mask_column
 
 
@@ -210,9 +164,7 @@ def _method_label(args: LlavaExplainArguments) -> str:
     return f"LLaVA {args.method}" + (" + tower" if args.vision_weighting else "")
 
 
-def _tower_entry(
-    explanation: LlavaExplanation, args, special_ids, mask
-) -> tuple[dict, torch.Tensor]:
+def _tower_entry(explanation: LlavaExplanation, args, special_ids, mask) -> tuple[dict, torch.Tensor]:
     indices, explained = explained_tokens(explanation, args.word, special_ids)
     summary_map = explanation.maps[indices].mean(dim=0)
     entry = {
@@ -236,27 +188,17 @@ def _image_figure(pixels, explanations, summaries, entries, args, path: Path) ->
     maps = {}
     for tower in TOWERS:
         token_maps = explanations[tower].maps
-        blank = (
-            torch.zeros_like(token_maps[0])
-            if len(token_maps)
-            else torch.zeros_like(summaries[tower])
-        )
-        rows = [summaries[tower]] + [
-            token_maps[i] if i < len(token_maps) else blank for i in range(count)
-        ]
+        blank = torch.zeros_like(token_maps[0]) if len(token_maps) else torch.zeros_like(summaries[tower])
+        rows = [summaries[tower]] + [token_maps[i] if i < len(token_maps) else blank for i in range(count)]
         maps[_method_label(args), TOWER_LABELS[tower]] = torch.stack(rows)
     for i in range(count):
-        pair = [
-            e.tokens[i].strip() if i < len(e.tokens) else "-" for e in (original, aft)
-        ]
+        pair = [e.tokens[i].strip() if i < len(e.tokens) else "-" for e in (original, aft)]
         titles.append(f"{i}: {pair[0]}|{pair[1]}")
     grid = pixels.expand(len(titles), -1, -1, -1)
     labels = [TOWER_LABELS[t] for t in TOWERS]
     _atomic_write(
         path,
-        lambda p: saliency_grid(
-            grid, maps, labels, [_method_label(args)], p, cell=128, titles=titles
-        ),
+        lambda p: saliency_grid(grid, maps, labels, [_method_label(args)], p, cell=128, titles=titles),
     )
 
 
@@ -265,9 +207,7 @@ def main(args: LlavaExplainArguments) -> dict:
     if args.method not in METHODS:
         raise ValueError(f"method={args.method!r} is not one of {METHODS}.")
     if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-        raise ValueError(
-            f"max_new_tokens={args.max_new_tokens} must lie in [1, {MAX_NEW_TOKENS_LIMIT}]."
-        )
+        raise ValueError(f"max_new_tokens={args.max_new_tokens} must lie in [1, {MAX_NEW_TOKENS_LIMIT}].")
     rows, mask_column = _rows(args)
     if not rows:
         raise ValueError(f"No images in {args.images} (split {args.split!r}).")
@@ -276,9 +216,7 @@ def main(args: LlavaExplainArguments) -> dict:
     explanations: dict[str, list[LlavaExplanation]] = {}
     for tower in TOWERS:
         if tower == "aft":
-            swap_llava_vision_tower(
-                model, args.vision
-            )  # in memory only: nothing is saved
+            swap_llava_vision_tower(model, args.vision)  # in memory only: nothing is saved
         explanations[tower] = [
             llava_relevance(
                 model,
@@ -298,17 +236,11 @@ def main(args: LlavaExplainArguments) -> dict:
     all_pixels = []
     for index, (name, image, mask_image) in enumerate(rows):
         pixels = images_to_pixels([image], processor.image_processor)
-        mask = (
-            None
-            if mask_image is None
-            else masks_to_tensor([mask_image], processor.image_processor)[0]
-        )
+        mask = None if mask_image is None else masks_to_tensor([mask_image], processor.image_processor)[0]
         entries, summaries, per_image = {}, {}, {}
         for tower in TOWERS:
             per_image[tower] = explanations[tower][index]
-            entries[tower], summaries[tower] = _tower_entry(
-                per_image[tower], args, special_ids, mask
-            )
+            entries[tower], summaries[tower] = _tower_entry(per_image[tower], args, special_ids, mask)
             overview[_method_label(args), TOWER_LABELS[tower]].append(summaries[tower])
         figure = output / "figures" / f"{name}.png"
         _image_figure(pixels, per_image, summaries, entries, args, figure)
@@ -317,9 +249,7 @@ def main(args: LlavaExplainArguments) -> dict:
 
     labels = [TOWER_LABELS[t] for t in TOWERS]
     stacked = {key: torch.stack(maps) for key, maps in overview.items()}
-    titles = [
-        f"{image['original']['answer']} | {image['aft']['answer']}" for image in images
-    ]
+    titles = [f"{image['original']['answer']} | {image['aft']['answer']}" for image in images]
     _atomic_write(
         output / "overview.png",
         lambda p: saliency_grid(
@@ -333,19 +263,14 @@ def main(args: LlavaExplainArguments) -> dict:
         ),
     )
     numbers = ["image_share", "gini"] + (list(LOCALISATION) if mask_column else [])
-    means = {
-        tower: {k: sum(i[tower][k] for i in images) / len(images) for k in numbers}
-        for tower in TOWERS
-    }
+    means = {tower: {k: sum(i[tower][k] for i in images) / len(images) for k in numbers} for tower in TOWERS}
     results = {
         "schema": SCHEMA,
         "settings": {**asdict(args), "mask_column": mask_column},
         "towers": {"original": args.llava, "aft": args.vision},
         "images": images,
         "mean": means,
-        "difference_aft_minus_original": {
-            k: means["aft"][k] - means["original"][k] for k in numbers
-        },
+        "difference_aft_minus_original": {k: means["aft"][k] - means["original"][k] for k in numbers},
     }
     _atomic_write(
         output / "results.json",

@@ -77,9 +77,7 @@ class LlavaExplanation:
 def image_token_positions(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     """Sorted positions ``(P,)`` of `image_token_id` in the 1-D `input_ids`, wherever the processor put them."""
     if input_ids.dim() != 1:
-        raise ValueError(
-            f"input_ids must be one sequence (1-D), got shape {tuple(input_ids.shape)}."
-        )
+        raise ValueError(f"input_ids must be one sequence (1-D), got shape {tuple(input_ids.shape)}.")
     positions = (input_ids == image_token_id).nonzero().flatten()
     if positions.numel() == 0:
         raise ValueError(
@@ -102,35 +100,21 @@ def attention_to_tokens(
         queries: ``(T,)`` query positions (the rows read).
         drop_first_token: remove the attention to position 0 (the attention sink) before renormalising.
     """
-    rows = torch.stack(
-        [
-            a.reshape(-1, *a.shape[-2:])[:, queries].float().mean(dim=0)
-            for a in attentions
-        ]
-    )
+    rows = torch.stack([a.reshape(-1, *a.shape[-2:])[:, queries].float().mean(dim=0) for a in attentions])
     if drop_first_token:
         rows[..., 0] = 0
-        rows = rows / rows.sum(dim=-1, keepdim=True).clamp_min(
-            torch.finfo(rows.dtype).tiny
-        )
+        rows = rows / rows.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
     return rows.mean(dim=0)
 
 
-def chefer_layer_relevance(
-    attention: torch.Tensor, gradient: torch.Tensor
-) -> torch.Tensor:
+def chefer_layer_relevance(attention: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
     """Chefer et al.'s rule 5: ``Ā = mean_heads((∇A ⊙ A)⁺)``, ``(n, n)`` from ``(heads, n, n)`` (or with a batch
     dimension of 1) attention and its gradient."""
-    product = (
-        gradient.reshape(-1, *gradient.shape[-2:]).float()
-        * attention.reshape(-1, *attention.shape[-2:]).float()
-    )
+    product = gradient.reshape(-1, *gradient.shape[-2:]).float() * attention.reshape(-1, *attention.shape[-2:]).float()
     return product.clamp(min=0).mean(dim=0)
 
 
-def propagate_row(
-    row: torch.Tensor, layer_matrices: Sequence[torch.Tensor], residual: bool
-) -> torch.Tensor:
+def propagate_row(row: torch.Tensor, layer_matrices: Sequence[torch.Tensor], residual: bool) -> torch.Tensor:
     """``row · M_L ⋯ M_1``: rows of a product of per-layer matrices, without forming the product.
 
     `layer_matrices` are listed first layer first; ``M_l = I + Ā_l`` when `residual` (Chefer's rule 6,
@@ -152,9 +136,7 @@ def patch_relevance(
     keeps it, ``"full"``). `vision_flow` ``(N + 1, N + 1)`` maps the read layer's tokens back to the input tokens
     (rollout or Chefer relevance of the tower); without it each token stands for its own patch (CLS dropped).
     """
-    tokens = token_maps.new_zeros(
-        token_maps.shape[0], token_maps.shape[1] + first_patch_token
-    )
+    tokens = token_maps.new_zeros(token_maps.shape[0], token_maps.shape[1] + first_patch_token)
     tokens[:, first_patch_token:] = token_maps
     if vision_flow is not None:
         tokens = tokens @ vision_flow.to(tokens)
@@ -164,9 +146,7 @@ def patch_relevance(
 def to_patch_grid(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """``(T, P)`` -> ``(T, rows, columns)``, checking that P fills the grid (row-major, as ViT patches are)."""
     if maps.shape[-1] != grid[0] * grid[1]:
-        raise ValueError(
-            f"{maps.shape[-1]} patch values do not fill a {grid[0]}x{grid[1]} patch grid."
-        )
+        raise ValueError(f"{maps.shape[-1]} patch values do not fill a {grid[0]}x{grid[1]} patch grid.")
     return maps.reshape(maps.shape[0], *grid)
 
 
@@ -214,9 +194,7 @@ def check_llava_model(model) -> None:
 def vision_read_layers(llava_config) -> int:
     """How many vision-tower layers run before the hidden state LLaVA reads (``vision_feature_layer``; the
     deepest one when it reads several)."""
-    count = (
-        llava_config.vision_config.num_hidden_layers + 1
-    )  # hidden_states: the embeddings, then each layer
+    count = llava_config.vision_config.num_hidden_layers + 1  # hidden_states: the embeddings, then each layer
     layers = llava_config.vision_feature_layer
     layers = [layers] if isinstance(layers, int) else list(layers)
     return max(layer % count for layer in layers)
@@ -229,9 +207,7 @@ def image_grid(llava_config, num_image_tokens: int) -> tuple[tuple[int, int], in
     side = vision.image_size // vision.patch_size
     strategy = llava_config.vision_feature_select_strategy
     if strategy not in ("default", "full"):
-        raise ValueError(
-            f"vision_feature_select_strategy={strategy!r} is not handled; expected 'default' or 'full'."
-        )
+        raise ValueError(f"vision_feature_select_strategy={strategy!r} is not handled; expected 'default' or 'full'.")
     first_patch_token = 1 if strategy == "default" else 0
     expected = side * side + 1 - first_patch_token
     if num_image_tokens != expected:
@@ -318,14 +294,10 @@ def llava_relevance(
     if method not in METHODS:
         raise ValueError(f"method={method!r} is not one of {METHODS}.")
     if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-        raise ValueError(
-            f"max_new_tokens={max_new_tokens} must lie in [1, {MAX_NEW_TOKENS_LIMIT}]."
-        )
+        raise ValueError(f"max_new_tokens={max_new_tokens} must lie in [1, {MAX_NEW_TOKENS_LIMIT}].")
     config = model.config
     weight = next(model.parameters())
-    inputs = processor(
-        images=image, text=llava_prompt(processor, prompt), return_tensors="pt"
-    )
+    inputs = processor(images=image, text=llava_prompt(processor, prompt), return_tensors="pt")
     input_ids = inputs["input_ids"].to(weight.device)
     pixels = inputs["pixel_values"].to(weight.device, weight.dtype)
     positions = image_token_positions(input_ids[0], config.image_token_id)
@@ -339,16 +311,10 @@ def llava_relevance(
                 pixel_values=pixels,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
-                suppress_tokens=[
-                    config.image_token_id
-                ],  # a generated image token would break the teacher forcing
+                suppress_tokens=[config.image_token_id],  # a generated image token would break the teacher forcing
             )
         answer_ids = sequence[0, input_ids.shape[1] :]
-        queries = (
-            torch.arange(answer_ids.numel(), device=sequence.device)
-            + input_ids.shape[1]
-            - 1
-        )
+        queries = torch.arange(answer_ids.numel(), device=sequence.device) + input_ids.shape[1] - 1
         gradients = method == "relevancy"
         with torch.set_grad_enabled(gradients):
             # Pixels as a graph leaf: the attention depends on them even when every weight is frozen.
@@ -360,13 +326,9 @@ def llava_relevance(
                 output_attentions=True,
             )
             text_attn = list(out.attentions)
-            vision_attn = list(out.image_outputs.attentions or ())[
-                : vision_read_layers(config)
-            ]
+            vision_attn = list(out.image_outputs.attentions or ())[: vision_read_layers(config)]
             if vision_weighting and not vision_attn and vision_read_layers(config):
-                raise RuntimeError(
-                    "The vision tower returned no attention weights; is its attention eager?"
-                )
+                raise RuntimeError("The vision tower returned no attention weights; is its attention eager?")
             if gradients:
                 maps, shares = _relevancy(out.logits[0], sequence[0], queries, positions, text_attn,
                                           vision_attn if vision_weighting else [], first_patch_token)  # fmt: skip
@@ -412,15 +374,10 @@ def _relevancy(
         start[query] = 1
         row = propagate_row(start, cams, residual=True)
         row[query] -= 1  # R − I: the token's relevance to itself is not the image's
-        shares.append(
-            row[positions].sum() / row.sum().clamp_min(torch.finfo(row.dtype).tiny)
-        )
+        shares.append(row[positions].sum() / row.sum().clamp_min(torch.finfo(row.dtype).tiny))
         flow = None
         if vision_attn:
-            vision_cams = [
-                chefer_layer_relevance(a.detach(), g)
-                for a, g in zip(vision_attn, grads[len(text_attn) :])
-            ]
+            vision_cams = [chefer_layer_relevance(a.detach(), g) for a, g in zip(vision_attn, grads[len(text_attn) :])]
             flow = propagate_row(
                 torch.eye(vision_cams[0].shape[-1], device=row.device),
                 vision_cams,
@@ -440,9 +397,7 @@ def explained_tokens(
         if indices:
             return indices, "word"
     special = set(special_ids)
-    indices = [
-        i for i, token in enumerate(explanation.token_ids) if token not in special
-    ]
+    indices = [i for i, token in enumerate(explanation.token_ids) if token not in special]
     return indices or list(range(len(explanation.token_ids))), "answer"
 
 
@@ -468,8 +423,6 @@ def map_summary(
         )[0]
         masks = mask[None].bool()
         summary["pointing_game"] = pointing_game(upsampled, masks).item()
-        summary["energy_pointing_game"] = energy_pointing_game(
-            upsampled.clamp(min=0), masks
-        ).item()
+        summary["energy_pointing_game"] = energy_pointing_game(upsampled.clamp(min=0), masks).item()
         summary["top_k_iou"] = top_fraction_iou(upsampled, masks, iou_fraction).item()
     return summary
