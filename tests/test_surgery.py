@@ -140,6 +140,12 @@ def test_clip_surgery_on_a_full_clip_model_and_under_peft():
         merged = clip_surgery_features(lora.merge_and_unload(), pixels, image_processor=PROCESSOR)
     assert torch.equal(features[:, 0], expected)
     assert torch.allclose(features, merged, atol=1e-5)
+    # A bare CLIPVisionModel has no projection: features in the tower's width, row 0 its pooled output.
+    bare = _tower().vision_model
+    with torch.no_grad():
+        features = clip_surgery_features(bare, pixels, image_processor=PROCESSOR)
+        assert torch.equal(features[:, 0], bare(pixel_values=_inputs(pixels)).pooler_output)
+    assert features.shape == (2, 17, 32)
 
 
 def _official_prior(rows: int, columns: int, std: float) -> torch.Tensor:
