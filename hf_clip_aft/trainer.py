@@ -194,6 +194,12 @@ class AFTTrainer(Trainer):
         if processing_class is None:
             processing_class = _load_processor(source_path, vision.config.image_size)
         self.image_processor = getattr(processing_class, "image_processor", processing_class)
+        tokenizer = getattr(processing_class, "tokenizer", None)
+        if tokenizer is not None:
+            # Trainer.train copies the tokenizer's special-token ids onto the model's config, with a warning at
+            # every run because a vision tower has none; they are set here instead, to the same values.
+            special = {name: getattr(tokenizer, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+            vision.config.update({name: value for name, value in special.items() if value is not None})
 
         if peft_config is not None:
             from peft import get_peft_model
