@@ -14,6 +14,7 @@ sys.path.insert(0, str(EXPERIMENT))
 
 scenes = importlib.import_module("scenes")
 finetune = importlib.import_module("finetune")
+pretrain = importlib.import_module("pretrain")
 run = importlib.import_module("run")
 
 
@@ -34,6 +35,34 @@ def test_scenes_are_a_function_of_the_seed_and_the_masks_cover_the_object():
                     core &= np.roll(inside, shift, axis=axis)
             colours = np.asarray(image)[core]
             assert len(colours) > 0 and (colours == colours[0]).all()
+
+
+def test_class_cue_paints_the_clutter_in_the_class_colour_only_when_asked():
+    def cue_pixels(spec, index):
+        image, mask, label = scenes.render_scene(0, index, spec)
+        outside = np.asarray(image)[~mask]
+        return int((outside == np.array(scenes.CUE_COLOURS[label])).all(axis=-1).sum())
+
+    with_cue = [cue_pixels(scenes.SceneSpec(class_cue=1.0), i) for i in range(12)]
+    without = [cue_pixels(scenes.SceneSpec(), i) for i in range(12)]
+    assert sum(count > 0 for count in with_cue) >= 10  # a scene's clutter may hide behind its object
+    assert sum(without) == 0
+
+
+def test_clean_control_is_a_no_op_the_weights_stay_exactly_at_the_base():
+    spec = run.SMOKE_CONFIG
+    base = pretrain.build_tower(spec.tower, seed=0)
+    processor = pretrain.image_processor_for(spec.scenes.image_size)
+    images = scenes.make_scenes(0, 16, spec.scenes).select_columns(["image"])
+    result = finetune.finetune(base, processor, images, "clean", finetune.FinetuneSpec(steps=2, batch_size=8), 0)
+    tuned, original = result.model.state_dict(), base.state_dict()
+    assert tuned.keys() == original.keys()
+    assert all(torch.equal(tuned[name], original[name]) for name in original)
+    # The planted counter-example: the paper's weight decay alone moves the clean control off the base.
+    decayed = finetune.finetune(
+        base, processor, images, "clean", finetune.FinetuneSpec(steps=2, batch_size=8, weight_decay=0.1), 0
+    ).model.state_dict()
+    assert not all(torch.equal(decayed[name], original[name]) for name in original)
 
 
 def test_variants_change_only_their_own_attack_setting():
@@ -65,8 +94,10 @@ def keep_torch_threads():
 
 
 def test_smoke_run_writes_the_table_and_figure_and_is_reproducible(tmp_path, keep_torch_threads):
-    report = run.main(["--output", str(tmp_path / "a"), "--smoke", "--seeds", "0", "--figure_images", "2"])
-    for name in ("results.json", "table.md", run.FIGURE_NAME):
+    report = run.main(
+        ["--output", str(tmp_path / "a"), "--smoke", "--seeds", "0", "--figure_images", "2", "--workers", "1"]
+    )
+    for name in ("results.json", "table.md", run.FIGURE_NAME, run.SURGERY_FIGURE_NAME):
         assert (tmp_path / "a" / name).stat().st_size > 0
     assert json.loads((tmp_path / "a" / "results.json").read_text())["summary"] == report["summary"]
     assert report["same_data_order"]
@@ -77,8 +108,13 @@ def test_smoke_run_writes_the_table_and_figure_and_is_reproducible(tmp_path, kee
         assert metrics["clean"][name] == pytest.approx(value, abs=1e-5)
     logs = report["seeds"][0]["train_logs"]
     assert logs["aft"][0]["attack_loss"] > logs["random"][0]["attack_loss"] > 0 == logs["clean"][0]["attack_loss"]
+    # Every model is also measured with the training-free dense maps.
+    assert all(f"energy_pointing_game@{m}" in metrics["aft"] for m in run.SURGERY_METHODS)
     table = (tmp_path / "a" / "table.md").read_text()
     assert all(f"`{model}`" in table for model in metrics)
-    again = run.main(["--output", str(tmp_path / "b"), "--smoke", "--seeds", "0", "--figure_images", "2"])
+    assert all(f"energy_pointing_game ({m})" in table for m in run.SURGERY_METHODS)
+    again = run.main(
+        ["--output", str(tmp_path / "b"), "--smoke", "--seeds", "0", "--figure_images", "2", "--workers", "1"]
+    )
     assert again["seeds"][0]["metrics"] == metrics
 

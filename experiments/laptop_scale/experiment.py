@@ -20,7 +20,7 @@ from hf_clip_aft.data import images_to_pixels
 from hf_clip_aft.interpret.batches import masks_to_tensor
 
 from finetune import VARIANTS, FinetuneSpec, finetune
-from measure import evaluate_tower
+from measure import SURGERY_METHODS, evaluate_tower
 from pretrain import PretrainSpec, TowerSpec, build_tower, class_embeddings, image_processor_for, pretrain
 from scenes import CLASS_NAMES, SceneSpec, make_scenes
 
@@ -56,7 +56,7 @@ class SeedResult:
     seconds: dict[str, float]
     figure_pixels: torch.Tensor
     figure_labels: list[int]
-    figure_maps: dict[str, torch.Tensor]
+    figure_maps: dict[str, dict[str, torch.Tensor]]  # model -> map method -> (figure_images, H, W)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (without the figure tensors)."""
@@ -70,14 +70,32 @@ class SeedResult:
         }
 
 
-def run_seed(
-    config: ExperimentConfig,
-    seed: int,
-    split: str = "test",
-    figure_images: int = 0,
-    base_cache: dict | None = None,
-) -> SeedResult:
-    """Run the experiment for one seed, evaluating on `split` (``validation`` or ``test``).
+@dataclass
+class World:
+    """One seed's data and base model: what every fine-tuning of that base shares.
+
+    Attributes:
+        processor: the towers' image processor; class_embeds: ``(C, D)`` the fixed class vectors.
+        train_images: the training scenes (``image`` column only, as the fine-tuning sees them).
+        eval_pixels, eval_masks, eval_labels: the evaluation split as tensors (``(N, 3, H, W)`` in [0, 1],
+            ``(N, H, W)`` boolean, ``(N,)``).
+        base: the pre-trained tower; pretrain_loss: mean training loss of its last 50 steps (nats).
+        seconds: wall time of data generation and pre-training.
+    """
+
+    processor: Any
+    class_embeds: torch.Tensor
+    train_images: Any
+    eval_pixels: torch.Tensor
+    eval_masks: torch.Tensor
+    eval_labels: torch.Tensor
+    base: Any
+    pretrain_loss: float
+    seconds: dict[str, float]
+
+
+def prepare_world(config: ExperimentConfig, seed: int, split: str = "test", base_cache: dict | None = None) -> World:
+    """Scenes, evaluation tensors of `split` (``validation`` or ``test``) and the pre-trained base for `seed`.
 
     `base_cache`, when given, keeps pre-trained bases across calls keyed by what they depend on (the search
     fine-tunes one base many ways).
@@ -109,28 +127,57 @@ def run_seed(
         if base_cache is not None:
             base_cache[key] = (base, pretrain_loss)
     seconds["pretrain"] = time.perf_counter() - clock
+    return World(
+        processor=processor,
+        class_embeds=class_embeds,
+        train_images=train.select_columns(["image"]),
+        eval_pixels=eval_pixels,
+        eval_masks=eval_masks,
+        eval_labels=eval_labels,
+        base=base,
+        pretrain_loss=pretrain_loss,
+        seconds=seconds,
+    )
 
-    def evaluate(model) -> tuple[dict[str, float], torch.Tensor]:
+
+def run_seed(
+    config: ExperimentConfig,
+    seed: int,
+    split: str = "test",
+    figure_images: int = 0,
+    base_cache: dict | None = None,
+    surgery_maps: bool = False,
+) -> SeedResult:
+    """Run the experiment for one seed, evaluating on `split` (``validation`` or ``test``).
+
+    `base_cache`: see :func:`prepare_world`. `surgery_maps`: also measure every model with the training-free
+    dense maps of :data:`measure.SURGERY_METHODS`.
+    """
+    world = prepare_world(config, seed, split, base_cache)
+    seconds = dict(world.seconds)
+    base = world.base
+
+    def evaluate(model) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         return evaluate_tower(
             model,
-            processor,
-            eval_pixels,
-            eval_masks,
-            eval_labels,
-            class_embeds,
+            world.processor,
+            world.eval_pixels,
+            world.eval_masks,
+            world.eval_labels,
+            world.class_embeds,
             config.finetune.eps,
             seed,
             keep_maps=figure_images,
+            dense_methods=SURGERY_METHODS if surgery_maps else (),
         )
 
     clock = time.perf_counter()
     metrics, maps, logs, fingerprints = {}, {}, {}, {}
     metrics["base"], maps["base"] = evaluate(base)
     seconds["evaluate"] = time.perf_counter() - clock
-    train_images = train.select_columns(["image"])
     for variant in tqdm(config.variants, desc=f"seed {seed}: fine-tuning", leave=False):
         clock = time.perf_counter()
-        result = finetune(base, processor, train_images, variant, config.finetune, seed)
+        result = finetune(base, world.processor, world.train_images, variant, config.finetune, seed)
         seconds[variant] = time.perf_counter() - clock
         clock = time.perf_counter()
         metrics[variant], maps[variant] = evaluate(result.model)
@@ -141,11 +188,11 @@ def run_seed(
     return SeedResult(
         seed=seed,
         metrics=metrics,
-        pretrain_final_loss=pretrain_loss,
+        pretrain_final_loss=world.pretrain_loss,
         train_logs=logs,
         same_data_order=all(order == orders[0] for order in orders),
         seconds=seconds,
-        figure_pixels=eval_pixels[:figure_images],
-        figure_labels=eval_labels[:figure_images].tolist(),
+        figure_pixels=world.eval_pixels[:figure_images],
+        figure_labels=world.eval_labels[:figure_images].tolist(),
         figure_maps=maps,
     )

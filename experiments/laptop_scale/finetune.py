@@ -4,6 +4,11 @@ Every variant uses the same loss (FARE: ``||f(x + δ*) − f0(x)||²``), optimis
 data order (the trainer's seeded sampler); only the inner maximisation differs. Budgets are in units of 1/255, as in
 :class:`hf_clip_aft.AFTConfig`. The paper's ratios are kept when ε changes: step α, penalty η and smoothing σ are
 by default each ε/4 (paper: ε = 4, α = η = σ = 1, K = 10).
+
+Weight decay is 0 by default (the paper uses 1e-4): with decay the `clean` control (ε = 0) is not a no-op, because
+decay alone moves the weights off the frozen base, the FARE loss then has a small gradient, and Adam turns it into
+full learning-rate steps. Without decay its gradient is exactly zero and it stays at the base bit for bit
+(`tests/test_laptop_scale.py`); all variants share the setting so that they still differ only in the attack.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 
 import datasets
 import torch
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection, PrinterCallback
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection, PrinterCallback, TrainerCallback
 
 from hf_clip_aft import AFTConfig, AFTTrainer
 from hf_clip_aft.data import AFTDataCollator
@@ -47,6 +52,7 @@ class FinetuneSpec:
     step_ratio: float = 0.25
     eta_ratio: float = 0.25
     sigma_ratio: float = 0.25
+    weight_decay: float = 0.0
 
 
 def attack_settings(variant: str, spec: FinetuneSpec) -> dict[str, Any]:
@@ -100,11 +106,13 @@ def finetune(
     variant: str,
     spec: FinetuneSpec,
     seed: int,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> FinetuneResult:
     """Fine-tune a copy of `base` as `variant`; `base` itself is left untouched.
 
-    `train_images` needs an ``image`` column. Paper optimiser (AdamW β = (0.9, 0.95), weight decay 1e-4, cosine
-    schedule, 7% warm-up) at `spec`'s learning rate, steps and batch size.
+    `train_images` needs an ``image`` column. Paper optimiser (AdamW β = (0.9, 0.95), cosine schedule, 7% warm-up)
+    at `spec`'s learning rate, weight decay, steps and batch size. `callbacks` are added to the trainer (e.g. to
+    measure the model during training).
     """
     with tempfile.TemporaryDirectory() as output_dir:
         args = AFTConfig(
@@ -113,6 +121,7 @@ def finetune(
             max_steps=spec.steps,
             per_device_train_batch_size=spec.batch_size,
             learning_rate=spec.learning_rate,
+            weight_decay=spec.weight_decay,
             logging_steps=max(1, spec.steps // 10),
             save_strategy="no",
             report_to="none",
@@ -128,6 +137,7 @@ def finetune(
             train_dataset=train_images,
             processing_class=image_processor,
             data_collator=collator,
+            callbacks=callbacks,
         )
         trainer.remove_callback(PrinterCallback)  # the log history is returned; printing it would flood the run
         trainer.train()

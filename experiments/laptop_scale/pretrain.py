@@ -42,6 +42,7 @@ class PretrainSpec:
     weight_decay: float = 0.05
     warmup: int = 100
     logit_scale: float = 10.0  # fixed inverse temperature of the cosine logits
+    noise_std: float = 0.0  # std of Gaussian pixel noise added to every training image, units of 1/255 (0: none)
 
 
 def build_tower(spec: TowerSpec, seed: int) -> CLIPVisionModelWithProjection:
@@ -104,7 +105,11 @@ def pretrain(
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, spec)
         batch = torch.randint(len(pixels), (spec.batch_size,), generator=generator)
-        logits = spec.logit_scale * encode(dihedral_augment(pixels[batch], generator)) @ class_embeds.t()
+        images = dihedral_augment(pixels[batch], generator)
+        if spec.noise_std > 0:  # drawn only when asked, so that runs without noise keep their batches exactly
+            noise = torch.randn(images.shape, generator=generator) * (spec.noise_std / 255)
+            images = (images + noise).clamp(0, 1)
+        logits = spec.logit_scale * encode(images) @ class_embeds.t()
         loss = F.cross_entropy(logits, labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

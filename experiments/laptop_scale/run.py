@@ -9,7 +9,11 @@ with the library's evaluation suite. Writes into ``--output``:
 
 - ``results.json``: the configuration, per-seed metrics, fine-tuning logs, timings, and mean ± std over seeds;
 - ``table.md``: the mean ± std table and the per-seed values of the primary metric;
-- ``saliency_base_vs_aft.png``: Simple-Gradient maps of every model on the first test scenes of the first seed.
+- ``saliency_base_vs_aft.png``: Simple-Gradient maps of every model on the first test scenes of the first seed;
+- ``surgery_2x2.png``: maps of ``base`` and ``aft`` with Simple Gradient and the training-free dense maps of
+  :data:`measure.SURGERY_METHODS` (CLIP Surgery, NACLIP) on the same scenes.
+
+Every model is measured with Simple Gradient and with those dense maps (``<metric>@<method>`` in the results).
 
 Seeds run in ``--workers`` processes (default 2, one per core) of ``--threads`` torch threads (default 1: with one
 thread a seed gives bit-identical numbers on a rerun). ``--smoke`` runs the same pipeline at toy sizes in seconds
@@ -38,12 +42,13 @@ from hf_clip_aft.interpret import saliency_grid  # noqa: E402
 
 from experiment import ExperimentConfig, SeedResult, run_seed  # noqa: E402
 from finetune import VARIANT_DESCRIPTIONS, VARIANTS, FinetuneSpec  # noqa: E402
-from measure import HIGHER_IS_BETTER, METRIC_NAMES, PRIMARY_METRIC  # noqa: E402
+from measure import DENSE_METRIC_NAMES, HIGHER_IS_BETTER, METRIC_NAMES, PRIMARY_METRIC, SURGERY_METHODS  # noqa: E402
 from pretrain import PretrainSpec, TowerSpec  # noqa: E402
 from scenes import CLASS_NAMES, SceneSpec  # noqa: E402
 from search import STAGES  # noqa: E402
 
 FIGURE_NAME = "saliency_base_vs_aft.png"
+SURGERY_FIGURE_NAME = "surgery_2x2.png"
 
 # The final configuration: the one the logged search (search.py, RESULTS.md) selected on the validation split, with
 # every variant.
@@ -63,7 +68,7 @@ SMOKE_CONFIG = ExperimentConfig(
 
 def _run_seed_in_worker(config: ExperimentConfig, seed: int, figure_images: int, threads: int) -> SeedResult:
     torch.set_num_threads(threads)
-    return run_seed(config, seed, "test", figure_images)
+    return run_seed(config, seed, "test", figure_images, surgery_maps=True)
 
 
 def run_seeds(
@@ -72,7 +77,7 @@ def run_seeds(
     """Every seed, in `workers` processes of `threads` torch threads each (results in the order of `seeds`)."""
     if workers <= 1:
         torch.set_num_threads(threads)
-        return [run_seed(config, seed, "test", figure_images) for seed in seeds]
+        return [run_seed(config, seed, "test", figure_images, surgery_maps=True) for seed in seeds]
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(_run_seed_in_worker, config, seed, figure_images, threads) for seed in seeds]
         return [future.result() for future in futures]
@@ -83,7 +88,7 @@ def mean_std(results: list[SeedResult]) -> dict[str, dict[str, dict[str, float]]
     summary: dict[str, dict[str, dict[str, float]]] = {}
     for model in results[0].metrics:
         summary[model] = {}
-        for metric in METRIC_NAMES:
+        for metric in results[0].metrics[model]:
             values = np.array([r.metrics[model][metric] for r in results])
             std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
             summary[model][metric] = {"mean": float(values.mean()), "std": std}
@@ -111,15 +116,52 @@ def table_markdown(results: list[SeedResult], summary: dict) -> str:
         cells = [f"{values[m]:.4f}" + ("" if m == "base" else f" ({values[m] - values['base']:+.4f})") for m in models]
         lines.append(f"| {r.seed} | " + " | ".join(cells) + " |")
     lines += ["", "Models:", *(f"- `{m}`: {VARIANT_DESCRIPTIONS[m]}" for m in models)]
+    return "\n".join(lines) + "\n" + surgery_table_markdown(results, summary)
+
+
+def surgery_table_markdown(results: list[SeedResult], summary: dict) -> str:
+    """{model} × {Simple Gradient, each dense method}: mean ± std of :data:`DENSE_METRIC_NAMES`, and the per-seed
+    energy pointing game gain of every variant over ``base`` with each map method."""
+    methods = ["simple_gradient", *SURGERY_METHODS]
+
+    def key(metric: str, method: str) -> str:
+        return metric if method == "simple_gradient" else f"{metric}@{method}"
+
+    lines = ["", "Maps: Simple Gradient and the training-free dense maps (true class), mean ± std over seeds:", ""]
+    header = ["model", *(f"{metric} ({method})" for metric in DENSE_METRIC_NAMES for method in methods)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, metrics in summary.items():
+        cells = [
+            f"{metrics[key(metric, method)]['mean']:.3f} ± {metrics[key(metric, method)]['std']:.3f}"
+            for metric in DENSE_METRIC_NAMES
+            for method in methods
+        ]
+        lines.append("| " + " | ".join([f"`{model}`", *cells]) + " |")
+    lines += ["", f"Per seed, {PRIMARY_METRIC} gain over `base` (variant − base) with each map method:", ""]
+    variants = [model for model in summary if model != "base"]
+    lines += ["| seed | method | " + " | ".join(f"`{v}`" for v in variants) + " |", "|" + "---|" * (len(variants) + 2)]
+    for r in results:
+        for method in methods:
+            name = key(PRIMARY_METRIC, method)
+            cells = [f"{r.metrics[v][name] - r.metrics['base'][name]:+.4f}" for v in variants]
+            lines.append(f"| {r.seed} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def write_figure(result: SeedResult, path: str) -> None:
     """Simple-Gradient maps of every model on the same test scenes (the first seed's first images)."""
     models = list(result.figure_maps)
-    maps = {("simple_gradient", model): result.figure_maps[model] for model in models}
+    maps = {("simple_gradient", model): result.figure_maps[model]["simple_gradient"] for model in models}
     titles = [CLASS_NAMES[label] for label in result.figure_labels]
     saliency_grid(result.figure_pixels, maps, models, ["simple_gradient"], path, cell=64, titles=titles)
+
+
+def write_surgery_figure(result: SeedResult, path: str) -> None:
+    """{base, aft} × {Simple Gradient, CLIP Surgery, NACLIP} maps on the same test scenes (the first seed's)."""
+    methods, models = ["simple_gradient", *SURGERY_METHODS], ["base", "aft"]
+    maps = {(method, model): result.figure_maps[model][method] for method in methods for model in models}
+    titles = [CLASS_NAMES[label] for label in result.figure_labels]
+    saliency_grid(result.figure_pixels, maps, models, methods, path, cell=64, titles=titles)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -130,10 +172,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1: reproducible).")
     parser.add_argument("--figure_images", type=int, default=6, help="Rows of the saliency figure.")
     parser.add_argument("--smoke", action="store_true", help="Toy sizes, seconds: checks the pipeline only.")
+    parser.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="Fine-tuning variants (default: all)."
+    )
     args = parser.parse_args(argv)
     if args.figure_images < 1:
         raise ValueError(f"--figure_images={args.figure_images} must be at least 1.")
-    config = SMOKE_CONFIG if args.smoke else FINAL_CONFIG
+    if "aft" not in args.variants:
+        raise ValueError(f"--variants={args.variants} must include 'aft' (the figures compare it with the base).")
+    config = dataclasses.replace(SMOKE_CONFIG if args.smoke else FINAL_CONFIG, variants=tuple(args.variants))
 
     start = time.perf_counter()
     results = run_seeds(config, args.seeds, args.figure_images, args.workers, args.threads)
@@ -162,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     with open(os.path.join(args.output, "table.md"), "w", encoding="utf-8") as f:
         f.write(table_markdown(results, summary))
     write_figure(results[0], os.path.join(args.output, FIGURE_NAME))
+    write_surgery_figure(results[0], os.path.join(args.output, SURGERY_FIGURE_NAME))
     print(table_markdown(results, summary))
     print(f"Wrote {args.output} in {report['seconds_total']:.0f} s.")
     return report

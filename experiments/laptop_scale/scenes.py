@@ -4,7 +4,9 @@ Every scene is drawn from its own `numpy` generator seeded by ``(seed, index)``,
 its seed and size. Shapes are drawn with Pillow at `SUPERSAMPLE` times the output size and box-filtered down
 (anti-aliased edges); the mask is the object's coverage at the output size, thresholded at one half. The clutter
 (line segments and dots of random colours on a smooth colour gradient) is drawn behind the object, so the mask is
-exactly the object, and it carries no class information: only the object does.
+exactly the object, and by default it carries no class information: only the object does. With
+``SceneSpec.class_cue = p``, a share p of the scenes draw all their clutter in their class's colour
+(:data:`CUE_COLOURS`): a shortcut a model can learn instead of the object.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ SHAPES = ("disc", "square", "triangle")
 FILLS = ("solid", "striped")
 CLASS_NAMES = tuple(f"{fill} {shape}" for fill in FILLS for shape in SHAPES)
 SUPERSAMPLE = 4
+# One clutter colour per class, for scenes that carry the class cue (saturated and far apart).
+CUE_COLOURS = ((230, 25, 25), (25, 200, 25), (25, 60, 230), (240, 220, 20), (220, 30, 220), (20, 220, 220))
 
 
 @dataclass(frozen=True)
@@ -30,12 +34,14 @@ class SceneSpec:
         object_size: (min, max) side of the object's bounding box.
         clutter_items: (min, max) number of distractor lines and dots.
         stripe_period: period of the striped texture.
+        class_cue: share of scenes whose clutter is drawn in the class's colour (0: clutter is class-free).
     """
 
     image_size: int = 32
     object_size: tuple[int, int] = (12, 18)
     clutter_items: tuple[int, int] = (12, 20)
     stripe_period: float = 4.0
+    class_cue: float = 0.0
 
 
 def _colour(rng: np.random.Generator) -> tuple[int, int, int]:
@@ -53,10 +59,13 @@ def _background(rng: np.random.Generator, side: int) -> Image.Image:
     return Image.fromarray((a * (1 - t[..., None]) + b * t[..., None]).astype(np.uint8))
 
 
-def _draw_clutter(draw: ImageDraw.ImageDraw, rng: np.random.Generator, spec: SceneSpec) -> None:
+def _draw_clutter(
+    draw: ImageDraw.ImageDraw, rng: np.random.Generator, spec: SceneSpec, cue: tuple[int, int, int] | None
+) -> None:
+    """Lines and dots of random colours, or all of colour `cue` when given."""
     side = spec.image_size * SUPERSAMPLE
     for _ in range(int(rng.integers(spec.clutter_items[0], spec.clutter_items[1] + 1))):
-        colour = _colour(rng)
+        colour = _colour(rng) if cue is None else cue
         if rng.random() < 0.5:
             x0, y0 = rng.uniform(0, side, size=2)
             length, angle = rng.uniform(0.15, 0.4) * side, rng.uniform(0, np.pi)
@@ -106,7 +115,9 @@ def render_scene(seed: int, index: int, spec: SceneSpec) -> tuple[Image.Image, n
     fill, shape = FILLS[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
     side = spec.image_size * SUPERSAMPLE
     canvas = _background(rng, side)
-    _draw_clutter(ImageDraw.Draw(canvas), rng, spec)
+    # Drawn only in cue worlds, so that worlds without the cue keep their scenes exactly.
+    cue = CUE_COLOURS[label] if spec.class_cue > 0 and rng.random() < spec.class_cue else None
+    _draw_clutter(ImageDraw.Draw(canvas), rng, spec, cue)
     size = rng.uniform(*spec.object_size) * SUPERSAMPLE
     x0, y0 = rng.uniform(0, side - size, size=2)
     silhouette = _shape_mask(shape, (x0, y0, x0 + size, y0 + size), side, rng.uniform(0, 2 * np.pi))
