@@ -1,7 +1,6 @@
 """Importing open_clip ViT image encoders: the converted transformers model computes the OpenAI forward pass."""
 
-import runpy
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
@@ -9,11 +8,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import CLIPModel, CLIPProcessor
 
+from hf_clip_aft.cli import run_command
 from hf_clip_aft.release.export import validate_export
 from hf_clip_aft.convert import convert_open_clip_visual
 from hf_clip_aft.model_configs import clip_config
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "convert.py"
 VISION = clip_config("tiny").vision_config
 LN_EPS = 1e-5
 
@@ -190,7 +189,7 @@ def test_recipe_writes_a_clip_folder_with_the_converted_vision_tower(
     state, pixels, expected, tiny_clip_path, tmp_path
 ):
     torch.save(state, tmp_path / "aft_tiny.pt")
-    main = runpy.run_path(str(RECIPE))["main"]
+    main = partial(run_command, "convert")  # what recipes/convert.py runs
     argv = ["--checkpoint", str(tmp_path / "aft_tiny.pt"), "--base", tiny_clip_path, "--output", str(tmp_path / "out")]
     output = main(argv)
     clip, base = CLIPModel.from_pretrained(output), CLIPModel.from_pretrained(tiny_clip_path)

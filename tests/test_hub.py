@@ -1,7 +1,7 @@
 """Model cards and Hub pushes, up to the network boundary (HfApi is replaced by a recording fake)."""
 
 import hashlib
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -18,7 +18,6 @@ from hf_clip_aft.release.export import export_clip, private_strings
 
 from test_export import TINY, fine_tuned_tower
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_ID = "openai/clip-vit-base-patch16"
 
 
@@ -211,10 +210,8 @@ def test_check_push_access(fake_api):
 
 
 def load_recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO_ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command module behind ``recipes/<name>.py`` (its ``ARGUMENTS`` dataclasses and ``main``)."""
+    return importlib.import_module(f"hf_clip_aft.commands.{name}")
 
 
 def test_push_recipe_dry_run_from_a_training_output_folder(published, tmp_path, fake_api, capsys):
