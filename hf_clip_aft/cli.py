@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "convert": "hf_clip_aft.commands.convert",
     "llava_explain": "hf_clip_aft.commands.llava_explain",
     "dissect": "hf_clip_aft.commands.dissect",
+    "app": "hf_clip_aft.commands.app",
 }
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
