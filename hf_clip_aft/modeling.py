@@ -125,7 +125,9 @@ def load_vision_tower(name_or_path: str, **kwargs) -> CLIPVisionModelWithProject
     with quiet_transformers():
         vision, info = CLIPVisionModelWithProjection.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     if info["missing_keys"]:
-        raise ValueError(f"{name_or_path} lacks vision weights {sorted(info['missing_keys'])}: is it a CLIP checkpoint?")
+        raise ValueError(
+            f"{name_or_path} lacks vision weights {sorted(info['missing_keys'])}: is it a CLIP checkpoint?"
+        )
     return vision
 
 

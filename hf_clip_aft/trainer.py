@@ -213,7 +213,9 @@ class AFTTrainer(Trainer):
         if args.loss_type == "tecoa":
             if class_names is None:
                 if train_dataset is None:
-                    raise ValueError("loss_type='tecoa' needs class names: pass class_names or a labelled train_dataset.")
+                    raise ValueError(
+                        "loss_type='tecoa' needs class names: pass class_names or a labelled train_dataset."
+                    )
                 class_names = dataset_class_names(train_dataset.features, label_column)
             self.text_embeds = self._class_text_embeds(model, processing_class, class_names, args.prompt_template)
 
@@ -259,7 +261,10 @@ class AFTTrainer(Trainer):
                 "which FSDP and DeepSpeed postpone: set precompute_ref_embeddings=False."
             )
         # Per mode ("train" / "eval"), per metric: the values of the micro-batches since the last log.
-        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
         self._skipped_total = 0
 
     @staticmethod
@@ -426,7 +431,9 @@ class AFTTrainer(Trainer):
 
     def training_record(self) -> TrainingRecord:
         """What this run was (:class:`~hf_clip_aft.release.TrainingRecord`), as far as it has gone."""
-        runtime = next((log["train_runtime"] for log in reversed(self.state.log_history) if "train_runtime" in log), None)
+        runtime = next(
+            (log["train_runtime"] for log in reversed(self.state.log_history) if "train_runtime" in log), None
+        )
         base = self.base_model_source
         return TrainingRecord.from_config(
             self.args,

@@ -97,7 +97,11 @@ def hyperparameter_rows(hp: Mapping[str, Any]) -> list[tuple[str, str, str]]:
             "optim, adam_beta1, adam_beta2, adam_epsilon",
         ),
         ("Peak learning rate", f"{hp['learning_rate']:g}", "learning_rate"),
-        ("Schedule", f"{hp['lr_scheduler_type']}, linear warm-up over {warmup_text}", "lr_scheduler_type, warmup_steps"),
+        (
+            "Schedule",
+            f"{hp['lr_scheduler_type']}, linear warm-up over {warmup_text}",
+            "lr_scheduler_type, warmup_steps",
+        ),
         ("Weight decay", f"{hp['weight_decay']:g}", "weight_decay"),
         ("Gradient clipping", f"max L2 norm {hp['max_grad_norm']:g}", "max_grad_norm"),
         (

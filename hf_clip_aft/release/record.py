@@ -1,4 +1,4 @@
-"""The training record: what a run was (base model, method, budgets, setup, hardware, length), saved once by the trainer.
+"""The training record: what a run was (base model, method, budgets, setup, hardware, length), saved by the trainer.
 
 The trainer writes it as ``training_record.json`` into the exported model folder; every release step after training
 (the card, a re-export, a push) reads it from there. It names no local path (local models and datasets appear by
