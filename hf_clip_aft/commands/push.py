@@ -1,7 +1,7 @@
 """Publish an AFT checkpoint on the Hub as a drop-in `CLIPModel` repository, with its model card.
 
     python recipes/push.py --checkpoint out/ --repo_id org/clip-aft-vit-b-16 [--private] [--dry_run]
-        [--eval_results eval/results.json] [--base_model openai/clip-vit-base-patch16]
+        [--eval_results eval/results.json] [--base_model openai/clip-vit-base-patch16] [--space org/clip-aft-demo]
     hf-clip-aft push recipes/configs/push.yaml
 
 `--checkpoint` is a training output folder (the export of the trainer's final save) or a ``checkpoint-N`` folder
@@ -10,7 +10,9 @@ is written to `--output_dir` (default ``<checkpoint>-hub``): the merged `CLIPMod
 README.md and ``training_record.json``. It is validated (it must load as `CLIPModel`, `CLIPVisionModel` and
 `CLIPVisionModelWithProjection` and name no local path) and uploaded whole in one commit; `--dry_run` stops before
 the upload (no token needed) and prints what would be uploaded. The token comes from ``hf auth login`` or
-``HF_TOKEN``, and is never written anywhere.
+``HF_TOKEN``, and is never written anywhere. `--space` also writes ``<output_dir>-space`` (the comparison page of
+the base model and this one, see `hf_clip_aft.release.space`) and pushes it as a Gradio Space after the model; the
+model card links it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from hf_clip_aft.release import CardOptions, TrainingRecord, export_checkpoint, write_card
 from hf_clip_aft.release.hub import check_push_access, format_listing, push_folder, upload_listing
+from hf_clip_aft.release.space import push_space, space_models, write_space
 
 
 @dataclass
@@ -46,6 +49,10 @@ class PushArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Folder to upload (default: <checkpoint>-hub)."})
     revision: str | None = field(default=None, metadata={"help": "Branch to push to (default: the main branch)."})
     commit_message: str = field(default="Upload AFT CLIP model", metadata={"help": "Commit message."})
+    space: str | None = field(
+        default=None,
+        metadata={"help": "Also publish the comparison page (base vs this model) as this Gradio Space, e.g. org/demo."},
+    )
 
 
 ARGUMENTS = (PushArguments,)
@@ -61,9 +68,16 @@ def main(args: PushArguments) -> None:
     )
     export_checkpoint(args.checkpoint, output_dir, base_model=args.base_model, record=record)
     options = CardOptions(
-        repo_id=repo_id, license=args.license, eval_model=args.eval_model, saliency_figure=args.saliency_figure
+        repo_id=repo_id,
+        license=args.license,
+        eval_model=args.eval_model,
+        saliency_figure=args.saliency_figure,
+        space_id=args.space,
     )
     write_card(output_dir, record, args.eval_results, options)
+    if args.space:  # written before any upload, so that a folder that cannot be written stops the push
+        base = record.base_model if record.base_model_on_hub else args.base_model  # a local base is left out
+        space_dir = write_space(f"{output_dir}-space", args.space, space_models([base, repo_id]))
     commit = push_folder(
         output_dir,
         repo_id,
@@ -76,3 +90,9 @@ def main(args: PushArguments) -> None:
         print(f"Validated {output_dir}; would upload to {repo_id}:\n{format_listing(upload_listing(output_dir))}")
     else:
         print(f"Pushed {output_dir} to {commit.commit_url}")
+    if args.space:
+        # The Space loads the models by Hub id, so it goes up after the model.
+        if push_space(space_dir, args.space, private=args.private, dry_run=args.dry_run) is None:
+            print(f"Would upload to the Space {args.space}:\n{format_listing(upload_listing(space_dir))}")
+        else:
+            print(f"Pushed {space_dir} to the Space https://huggingface.co/spaces/{args.space}")

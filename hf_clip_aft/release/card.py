@@ -56,12 +56,15 @@ class CardOptions:
         eval_model: the report's name for this model, when the report holds more models than it and the base.
         saliency_figure: an image file (a saliency comparison), copied into the model folder by :func:`write_card`;
             by default the ``saliency_grid.png`` that ``recipes/evaluate.py`` wrote beside the report, if any.
+        space_id: a Space showing this model (``namespace/name``, e.g. the comparison page of
+            :mod:`~hf_clip_aft.release.space`), linked from the card.
     """
 
     repo_id: str | None = None
     license: str | None = None
     eval_model: str | None = None
     saliency_figure: str | Path | None = None
+    space_id: str | None = None
 
 
 def _budget(value: float, symbol: str) -> str:
@@ -299,6 +302,7 @@ def render_card(
         eval_dataset=eval_report and {**eval_report["dataset"], "name": public_name(eval_report["dataset"]["name"])},
         saliency_figure=figure_name,
         has_adapter=has_adapter,
+        space_id=options.space_id,
     )
 
 
