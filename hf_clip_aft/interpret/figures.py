@@ -14,16 +14,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .registry import MAP_METHODS
+
 # Anchor colours of the heat ramp at 0, 1/3, 2/3 and 1 (black -> red -> yellow -> white).
 _RAMP = torch.tensor([[0, 0, 0], [200, 30, 0], [255, 200, 0], [255, 255, 255]], dtype=torch.float32) / 255
-METHOD_LABELS = {
-    "simple_gradient": "SG",
-    "smoothgrad": "SmoothGrad",
-    "integrated_gradients": "IG",
-    "gradcam": "Grad-CAM",
-    "attention": "CLS attn",
-    "rollout": "Rollout",
-}
 
 
 def colorize(saliency_map: torch.Tensor, quantile: float = 0.99) -> torch.Tensor:
@@ -46,6 +40,11 @@ def _tile(image: torch.Tensor, cell: int) -> Image.Image:
     resized = F.interpolate(image.unsqueeze(0).float(), size=(cell, cell), mode="bilinear", antialias=True)[0]
     array = (resized.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)
+
+
+def _method_label(method: str) -> str:
+    """The registered method's short label (the name itself for an unregistered one)."""
+    return MAP_METHODS[method].label if method in MAP_METHODS else method
 
 
 def _short(text: str, width: int) -> str:
@@ -84,7 +83,7 @@ def saliency_grid(
     draw.text((4, 2), "image", fill="black", font=font)
     for j, (method, model) in enumerate((m, model) for m in methods for model in models):
         x = (1 + j) * cell + 4
-        draw.text((x, 2), _short(METHOD_LABELS.get(method, method), width_chars), fill="black", font=font)
+        draw.text((x, 2), _short(_method_label(method), width_chars), fill="black", font=font)
         label = os.path.basename(os.path.normpath(model)) or model
         draw.text((x, font.size + 5), _short(label, width_chars), fill="dimgray", font=font)
     for i in range(rows):
