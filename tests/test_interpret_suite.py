@@ -99,7 +99,11 @@ def test_recipe_writes_results_summary_and_grid(tmp_path, second_model):
     summary = (output / "summary.md").read_text()
     assert "| gini ↑ | simple_gradient |" in summary and "Δ" in summary
     grid = Image.open(output / "saliency_grid.png")
-    assert grid.width == 96 * (1 + 6 * 2)  # image + 6 methods x 2 models
+    # image + every registered method ('all') x 2 models; the six built-in methods among them
+    assert {"simple_gradient", "smoothgrad", "integrated_gradients", "gradcam", "attention", "rollout"} <= set(
+        results["settings"]["methods"]
+    )
+    assert grid.width == 96 * (1 + len(results["settings"]["methods"]) * 2)
     assert grid.height > 2 * 96
 
 

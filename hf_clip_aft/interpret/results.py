@@ -13,11 +13,15 @@ Schema ``hf_clip_aft.eval/v1`` (read by the model-card renderer; change it only 
       ]
     }
 
-``task`` is ``zero-shot-image-classification`` for accuracy metrics (``method`` null) and ``saliency`` for metrics
-of saliency maps (``method`` one of :data:`hf_clip_aft.interpret.saliency.SALIENCY_METHODS`). Every ``model`` of a
-result is one of ``models``. A result's ``settings`` holds what that number depends on beyond the top-level
-settings (e.g. ``{"eps": 4}`` for robust accuracy, ``{"fraction": 0.3}`` for a ROAR point) and ``num_images``, the
-number of images averaged. :data:`METRICS` lists the metric names and which direction is better.
+``task`` is the metric's registered task: ``zero-shot-image-classification`` for accuracy metrics (``method``
+null), ``saliency`` for metrics of saliency maps and ``segmentation`` for metrics of per-class dense maps (``method``
+a map method of :data:`hf_clip_aft.interpret.registry.MAP_METHODS`). Every ``model`` of a result is one of
+``models``. A result's ``settings`` holds what that number depends on beyond the top-level settings (e.g.
+``{"eps": 4}`` for robust accuracy, ``{"fraction": 0.3}`` for a ROAR point) and ``num_images``, the number of images
+averaged. :data:`METRICS` (the metric registry) gives each metric's task and which direction is better.
+
+This module is the one place that reads the schema: :func:`results_document` builds a file's content,
+:func:`validate_results` checks it, :func:`save_results` / :func:`load_results` write and read it.
 """
 
 from __future__ import annotations
@@ -25,32 +29,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
 from typing import Any
 
+from .registry import METRICS, TASK_SALIENCY, TASK_SEGMENTATION, TASK_ZERO_SHOT
+
 SCHEMA = "hf_clip_aft.eval/v1"
-TASK_ZERO_SHOT = "zero-shot-image-classification"
-TASK_SALIENCY = "saliency"
+TASKS = (TASK_ZERO_SHOT, TASK_SALIENCY, TASK_SEGMENTATION)
 
 
-@dataclass(frozen=True)
-class MetricInfo:
-    task: str
-    higher_is_better: bool
-    description: str
-
-
-METRICS: dict[str, MetricInfo] = {
-    "accuracy": MetricInfo(TASK_ZERO_SHOT, True, "zero-shot top-1 accuracy, prompt ensemble"),
-    "robust_accuracy": MetricInfo(TASK_ZERO_SHOT, True, "zero-shot top-1 accuracy under L∞ PGD of radius eps/255"),
-    "gini": MetricInfo(TASK_SALIENCY, True, "Gini index of the map (sparsity; uniform map = 0)"),
-    "pointing_game": MetricInfo(TASK_SALIENCY, True, "share of maps whose maximum lies on the object mask"),
-    "energy_pointing_game": MetricInfo(TASK_SALIENCY, True, "share of the map's mass on the object mask"),
-    "top_k_iou": MetricInfo(TASK_SALIENCY, True, "IoU of the map's top-k% pixels with the object mask"),
-    "deletion_auc": MetricInfo(TASK_SALIENCY, False, "AUC of class similarity as top pixels are deleted"),
-    "insertion_auc": MetricInfo(TASK_SALIENCY, True, "AUC of class similarity as top pixels are inserted"),
-    "roar_accuracy": MetricInfo(TASK_SALIENCY, False, "linear-probe accuracy after removing the top-k% pixels"),
-}
 # Result settings that distinguish rows of the summary table (one row per value).
 ROW_SETTINGS = ("eps", "fraction")
 
@@ -99,16 +85,25 @@ def validate_results(results: dict[str, Any]) -> None:
         where = f"results[{i}]"
         _require(isinstance(entry, dict) and set(entry) == keys, where, f"expected exactly the keys {sorted(keys)}")
         _require(entry["model"] in models, f"{where}.model", f"{entry['model']!r} is not one of models")
-        _require(entry["task"] in (TASK_ZERO_SHOT, TASK_SALIENCY), f"{where}.task", f"unknown task {entry['task']!r}")
+        _require(entry["task"] in TASKS, f"{where}.task", f"unknown task {entry['task']!r}")
         _require(isinstance(entry["metric"], str), f"{where}.metric", "expected a string")
         if entry["task"] == TASK_ZERO_SHOT:
             _require(entry["method"] is None, f"{where}.method", "must be null for zero-shot metrics")
         else:
-            _require(isinstance(entry["method"], str), f"{where}.method", "a saliency metric needs a method")
+            _require(isinstance(entry["method"], str), f"{where}.method", f"a {entry['task']} metric needs a method")
         value = entry["value"]
         _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"{where}.value", "expected a number")
         _require(math.isfinite(value), f"{where}.value", f"{value} is not finite")
         _require(isinstance(entry["settings"], dict), f"{where}.settings", "expected an object")
+
+
+def results_document(
+    dataset: dict[str, Any], models: list[str], settings: dict[str, Any], results: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A results file's content from its parts (see the module docstring), validated."""
+    document = {"schema": SCHEMA, "dataset": dataset, "models": models, "settings": settings, "results": results}
+    validate_results(document)
+    return document
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
@@ -122,11 +117,22 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_results(results: dict[str, Any], path: str | os.PathLike) -> None:
-    """Validate `results` and write them as indented JSON (the file is only written when valid)."""
+    """Validate `results` and write them as indented JSON (the file is only written when valid, atomically)."""
     validate_results(results)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
+    _write_atomic(path, json.dumps(results, indent=2) + "\n")
+
+
+def save_summary(results: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write :func:`summary_markdown` of `results` to `path` (atomically)."""
+    _write_atomic(path, summary_markdown(results))
+
+
+def _write_atomic(path: str | os.PathLike, text: str) -> None:
+    # A temporary file beside the target, then a rename: a reader never sees half a file.
+    temporary = f"{os.fspath(path)}.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(temporary, path)
 
 
 def _model_label(model: str) -> str:
@@ -153,7 +159,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
     table: dict[tuple, dict[str, float]] = {}
     for entry in results["results"]:
         table.setdefault(_row_key(entry), {})[entry["model"]] = entry["value"]
-    # Group the rows by metric (in the order of METRICS), keeping the order of methods and settings within a metric.
+    # Group the rows by metric (in the registry's order), keeping the order of methods and settings within a metric.
     order = {name: i for i, name in enumerate(METRICS)}
     rows = sorted(table.items(), key=lambda row: order.get(row[0][0], len(order)))
     header = ["metric", "method", *(f"`{_model_label(m)}`" for m in models)]

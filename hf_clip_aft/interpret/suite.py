@@ -13,7 +13,6 @@ import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -21,16 +20,15 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPProcessor
 
-from ..data import images_to_pixels
+from ..data import images_to_pixels, load_processor
 from ..modeling import EmbedFn, embed_fn
-from .batches import iterate_batches, load_evaluation_data, masks_to_tensor
-from .faithfulness import INSERTION_BLUR_SIGMA, curve_auc, faithfulness_curve
+from . import scorers as _scorers  # noqa: F401  (registers the built-in metrics and their groups' scorers)
+from .batches import Batch, EvaluationData, iterate_batches, load_evaluation_data
 from .figures import saliency_grid
-from .metrics import energy_pointing_game, gini_index, pointing_game, top_fraction_iou
-from .results import SCHEMA, TASK_SALIENCY, TASK_ZERO_SHOT, save_results, summary_markdown
-from .roar import ROAR_FRACTIONS, remove_top_pixels, roar_accuracy, split_indices
-from .robustness import robust_predictions
-from .saliency import SALIENCY_METHODS, class_similarity, saliency
+from .registry import MAP_METHODS, SCORERS, BatchContext, RunContext, Score, Scorer, metric_groups, result_entry
+from .results import results_document, save_results, save_summary
+from .roar import ROAR_FRACTIONS
+from .saliency import saliency
 from .zero_shot import (
     PROMPT_TEMPLATES,
     SINGLE_TEMPLATE,
@@ -41,19 +39,19 @@ from .zero_shot import (
 
 logger = logging.getLogger(__name__)
 
-# Metric groups of --metrics; "all" means DEFAULT_METRICS (the heavier ROAR and PGD protocols are opt-in).
-METRIC_GROUPS = {
-    "zero_shot": ("accuracy",),
-    "sparsity": ("gini",),
-    "localization": ("pointing_game", "energy_pointing_game", "top_k_iou"),
-    "faithfulness": ("deletion_auc", "insertion_auc"),
-    "roar": ("roar_accuracy",),
-    "robustness": ("robust_accuracy",),
-}
-DEFAULT_METRICS = ("zero_shot", "sparsity", "localization", "faithfulness")
-SALIENCY_GROUPS = ("sparsity", "localization", "faithfulness", "roar")
 PROMPT_SETS = {"ensemble": PROMPT_TEMPLATES, "single": SINGLE_TEMPLATE}
 TARGETS = ("label", "prediction")
+
+
+def _metrics_help() -> str:
+    groups = metric_groups()
+    listed = "; ".join(f"{group} ({', '.join(groups.get(group, ()))})" for group in SCORERS)
+    defaults = [group for group, scorer in SCORERS.items() if scorer.default]
+    opt_in = [group for group, scorer in SCORERS.items() if not scorer.default]
+    return (
+        f"Metric groups (the results they give): {listed}. 'all' = {', '.join(defaults)}; "
+        f"{' and '.join(opt_in)} are heavier and opt-in ('all {opt_in[0]}' adds {opt_in[0]})."
+    )
 
 
 @dataclass
@@ -70,15 +68,11 @@ class EvaluationArguments:
     output: str = field(default="eval", metadata={"help": "Output folder for results.json, summary.md, the grid."})
     metrics: list[str] = field(
         default_factory=lambda: ["all"],
-        metadata={
-            "help": "Metric groups (the results they give): "
-            + "; ".join(f"{group} ({', '.join(names)})" for group, names in METRIC_GROUPS.items())
-            + ". 'all' = the first four; roar and robustness are heavier and opt-in ('all roar' adds ROAR)."
-        },
+        metadata={"help": _metrics_help()},
     )
     methods: list[str] = field(
         default_factory=lambda: ["all"],
-        metadata={"help": f"Saliency methods: {', '.join(SALIENCY_METHODS)}; 'all' = every one."},
+        metadata={"help": f"Map methods: {', '.join(MAP_METHODS)}; 'all' = every registered one."},
     )
     limit: int | None = field(default=None, metadata={"help": "Evaluate a seeded random subset of this many images."})
     batch_size: int = field(default=16, metadata={"help": "Images per batch."})
@@ -123,21 +117,32 @@ class EvaluationArguments:
         """The metric groups requested, 'all' expanded (``all roar`` adds ROAR to the defaults), in a fixed order."""
         requested = set(self.metrics) - {"all"}
         if "all" in self.metrics:
-            requested |= set(DEFAULT_METRICS)
-        unknown = requested - set(METRIC_GROUPS)
+            requested |= {group for group, scorer in SCORERS.items() if scorer.default}
+        unknown = requested - set(SCORERS)
         if unknown:
-            raise ValueError(f"Unknown metric groups {sorted(unknown)}; choose from {list(METRIC_GROUPS)} or 'all'.")
-        return [group for group in METRIC_GROUPS if group in requested]
+            raise ValueError(f"Unknown metric groups {sorted(unknown)}; choose from {list(SCORERS)} or 'all'.")
+        return [group for group in SCORERS if group in requested]
 
     def saliency_methods(self) -> list[str]:
-        """The saliency methods requested, 'all' expanded; none when no saliency metric is requested."""
-        if not any(group in SALIENCY_GROUPS for group in self.metric_groups()):
+        """The map methods requested, 'all' expanded; none when no requested metric group uses maps."""
+        if not any(SCORERS[group].uses_maps for group in self.metric_groups()):
             return []
-        methods = list(SALIENCY_METHODS) if "all" in self.methods else list(dict.fromkeys(self.methods))
-        unknown = set(methods) - set(SALIENCY_METHODS)
+        methods = list(MAP_METHODS) if "all" in self.methods else list(dict.fromkeys(self.methods))
+        unknown = set(methods) - set(MAP_METHODS)
         if unknown:
-            raise ValueError(f"Unknown saliency methods {sorted(unknown)}; choose from {SALIENCY_METHODS} or 'all'.")
+            raise ValueError(f"Unknown saliency methods {sorted(unknown)}; choose from {tuple(MAP_METHODS)} or 'all'.")
         return methods
+
+    def method_options(self) -> dict[str, Any]:
+        """The options every map method receives (each takes those it knows)."""
+        return {
+            "channel_reduction": self.channel_reduction,
+            "smoothgrad_samples": self.smoothgrad_samples,
+            "smoothgrad_noise": self.smoothgrad_noise,
+            "ig_steps": self.ig_steps,
+            "gradcam_layer": self.gradcam_layer,
+            "rollout_residual": self.rollout_residual,
+        }
 
     def check(self) -> None:
         """Raise `ValueError` on settings that cannot run, before any model or dataset is loaded."""
@@ -171,7 +176,7 @@ def load_clip(name_or_path: str, device: str | torch.device) -> LoadedModel:
     outputs as SDPA.
     """
     model = CLIPModel.from_pretrained(name_or_path, attn_implementation="eager").to(device).eval()
-    processor = CLIPProcessor.from_pretrained(name_or_path)
+    processor = load_processor(name_or_path)
     return LoadedModel(name_or_path, model, processor, embed_fn(model, processor.image_processor))
 
 
@@ -187,20 +192,16 @@ class FigureData:
         return sum(len(p) for p in self.pixels)
 
 
-def _result(model: str, metric: str, method: str | None, value: float, settings: dict[str, Any]) -> dict[str, Any]:
-    """One entry of the results list (see :mod:`hf_clip_aft.interpret.results`)."""
-    task = TASK_ZERO_SHOT if method is None else TASK_SALIENCY
-    return {"model": model, "task": task, "metric": metric, "method": method, "value": value, "settings": settings}
-
-
-class _Accumulator:
-    """Per-image metric values, keyed by (model, metric, method, settings): one result per key."""
+class _Averages:
+    """Per-image scores, keyed by (model, metric, method, settings), averaged into one result per key."""
 
     def __init__(self) -> None:
         self.values: dict[tuple, list[torch.Tensor]] = defaultdict(list)
 
-    def add(self, model: str, metric: str, method: str | None, values: torch.Tensor, **settings: Any) -> None:
-        self.values[model, metric, method, tuple(settings.items())].append(values.detach().float().cpu())
+    def add(self, batch: BatchContext, scores: list[Score]) -> None:
+        for score in scores:
+            key = batch.model_name, score.metric, batch.method, tuple(score.settings.items())
+            self.values[key].append(score.values.detach().float().cpu())
 
     def results(self) -> list[dict[str, Any]]:
         out = []
@@ -209,7 +210,7 @@ class _Accumulator:
             if values.numel() == 0:
                 continue
             settings = {**dict(settings), "num_images": values.numel()}
-            out.append(_result(model, metric, method, values.double().mean().item(), settings))
+            out.append(result_entry(model, metric, method, values.double().mean().item(), settings))
         return out
 
 
@@ -217,68 +218,88 @@ def _device(args: EvaluationArguments) -> torch.device:
     return torch.device(args.device) if args.device else PartialState().device
 
 
-def _map_metrics(
-    acc: _Accumulator,
-    model: LoadedModel,
-    method: str,
-    maps: torch.Tensor,
-    pixels: torch.Tensor,
-    masks: torch.Tensor | None,
-    text: torch.Tensor,
-    groups: list[str],
-    args: EvaluationArguments,
-) -> None:
-    """Sparsity, localisation (when there are masks) and faithfulness of one batch of maps, into `acc`."""
-    if "sparsity" in groups:
-        acc.add(model.name, "gini", method, gini_index(maps))
-    if masks is not None:
-        keep = masks.flatten(1).any(dim=1)  # an object cropped away leaves nothing to point at
-        maps_kept, masks_kept = maps[keep], masks[keep]
-        acc.add(model.name, "pointing_game", method, pointing_game(maps_kept, masks_kept))
-        acc.add(model.name, "energy_pointing_game", method, energy_pointing_game(maps_kept, masks_kept))
-        iou = top_fraction_iou(maps_kept, masks_kept, args.iou_fraction)
-        acc.add(model.name, "top_k_iou", method, iou, fraction=args.iou_fraction)
-    if "faithfulness" in groups:
-        score = partial(class_similarity, model.embed, text_embeds=text)
-        steps = args.faithfulness_steps
-        deletion = faithfulness_curve(score, pixels, maps, "deletion", steps)
-        insertion = faithfulness_curve(score, pixels, maps, "insertion", steps)
-        acc.add(model.name, "deletion_auc", method, curve_auc(deletion), steps=steps, baseline="black")
-        start_name = f"blur(sigma={INSERTION_BLUR_SIGMA}px)"
-        acc.add(model.name, "insertion_auc", method, curve_auc(insertion), steps=steps, baseline=start_name)
+def _load_data(args: EvaluationArguments) -> EvaluationData:
+    return load_evaluation_data(
+        args.dataset,
+        args.dataset_config,
+        args.split,
+        args.limit,
+        args.seed,
+        args.image_column,
+        args.label_column,
+        args.mask_column,
+    )
 
 
-class _RoarFeatures:
-    """Frozen features of the clean and the pixel-removed images, gathered batch by batch, then probed."""
+def _batch_context(
+    index: int, batch: Batch, model: LoadedModel, class_embeds: torch.Tensor, args: EvaluationArguments, device
+) -> BatchContext:
+    """Load step: `batch` as `model` sees it (pixels, embeddings, zero-shot predictions, target text embeddings)."""
+    image_processor = model.processor.image_processor
+    pixels = images_to_pixels(batch.images, image_processor).to(device)
+    labels = batch.labels.to(device)
+    with torch.no_grad():
+        embeds = model.embed(pixels)
+    predictions = zero_shot_predictions(embeds, class_embeds)
+    return BatchContext(
+        index=index,
+        model_name=model.name,
+        model=model.model,
+        image_processor=image_processor,
+        embed=model.embed,
+        pixels=pixels,
+        labels=labels,
+        mask_images=batch.masks,
+        image_embeds=embeds,
+        class_embeds=class_embeds,
+        predictions=predictions,
+        text_embeds=class_embeds[labels if args.target == "label" else predictions],
+        method_options=args.method_options(),
+    )
 
-    def __init__(self, fractions: list[float]) -> None:
-        self.fractions = fractions
-        self.clean: dict[str, list[torch.Tensor]] = defaultdict(list)
-        self.removed: dict[tuple[str, str, float], list[torch.Tensor]] = defaultdict(list)
 
-    @torch.no_grad()
-    def add(self, model: LoadedModel, method: str, pixels: torch.Tensor, maps: torch.Tensor) -> None:
-        # The processor's mean colour: CLIP's training-set mean, which normalises to 0 (an uninformative fill).
-        fill = torch.tensor(model.processor.image_processor.image_mean)
-        for fraction in self.fractions:
-            self.removed[model.name, method, fraction].append(
-                model.embed(remove_top_pixels(pixels, maps, fraction, fill)).cpu()
-            )
+class _Evaluation:
+    """One run's batch step: score a batch for every model, computing each method's maps between the two kinds of
+    scorers (those without maps first, so that their random draws come before the maps'), and keep the figure's."""
 
-    def results(self, labels: torch.Tensor, num_classes: int, methods: list[str], seed: int) -> list[dict[str, Any]]:
-        train_index, test_index = split_indices(len(labels), seed=seed)
-        counts = {"num_images": len(test_index), "probe_train_images": len(train_index)}
-        out = []
-        for model, chunks in tqdm(self.clean.items(), desc="ROAR probes"):
-            # Nothing removed: one probe per model, the curve's common starting point for every method.
-            clean = roar_accuracy(torch.cat(chunks), labels, num_classes, train_index, test_index)
-            for method in methods:
-                out.append(_result(model, "roar_accuracy", method, clean, {"fraction": 0.0, **counts}))
-                for fraction in self.fractions:
-                    features = torch.cat(self.removed[model, method, fraction])
-                    value = roar_accuracy(features, labels, num_classes, train_index, test_index)
-                    out.append(_result(model, "roar_accuracy", method, value, {"fraction": fraction, **counts}))
-        return out
+    def __init__(self, args: EvaluationArguments, run: RunContext, scorers: list[Scorer]) -> None:
+        self.args, self.run = args, run
+        self.image_scorers = [scorer for scorer in scorers if not scorer.uses_maps]
+        self.map_scorers = [scorer for scorer in scorers if scorer.uses_maps]
+        self.averages = _Averages()
+        self.figure = FigureData()
+
+    def batch(self, index: int, batch: Batch, models: list[LoadedModel], class_embeds, device) -> None:
+        need = max(self.args.grid_images - len(self.figure), 0) if self.run.methods else 0
+        for position, model in enumerate(models):
+            torch.manual_seed(self.args.seed + index)  # the same noise and attack starts for every model
+            context = _batch_context(index, batch, model, class_embeds[model.name], self.args, device)
+            self.score(context, self.image_scorers)
+            if position == 0 and need:
+                self.figure.pixels.append(context.pixels[:need].cpu())
+                self.figure.titles += [self.run.class_names[int(t)] for t in batch.labels[:need]]
+            for method in self.run.methods:
+                context.method, context.maps = method, self.maps(context, method)
+                if need:
+                    self.figure.maps[method, model.name].append(context.maps[:need].cpu())
+                self.score(context, self.map_scorers)
+
+    @staticmethod
+    def maps(context: BatchContext, method: str) -> torch.Tensor:
+        """Compute-maps step: `method`'s maps of the batch for its target text embeddings."""
+        return saliency(
+            context.model,
+            context.pixels,
+            context.text_embeds,
+            method,
+            image_processor=context.image_processor,
+            **context.method_options,
+        )
+
+    def score(self, context: BatchContext, scorers: list[Scorer]) -> None:
+        """Score step: every scorer sees the batch; per-image scores go to the dataset averages."""
+        for scorer in scorers:
+            self.averages.add(context, scorer.update(context))
 
 
 def run_evaluation(
@@ -290,100 +311,38 @@ def run_evaluation(
     args.check()
     groups, methods = args.metric_groups(), args.saliency_methods()
     device = _device(args)
-    data = load_evaluation_data(
-        args.dataset,
-        args.dataset_config,
-        args.split,
-        args.limit,
-        args.seed,
-        args.image_column,
-        args.label_column,
-        args.mask_column,
-    )
+    data = _load_data(args)
     models = models if models is not None else [load_clip(name, device) for name in args.models]
     templates = PROMPT_SETS[args.prompts]
     class_embeds = {
         m.name: class_text_embeddings(m.model, m.processor.tokenizer, data.class_names, templates) for m in models
     }
-    notes: list[str] = []
-    if "localization" in groups and data.mask_column is None:
-        notes.append("localization skipped: the dataset has no object-mask column (pass --mask_column to name one).")
-        logger.warning(notes[-1])
-
-    method_settings = {
-        "channel_reduction": args.channel_reduction,
-        "smoothgrad_samples": args.smoothgrad_samples,
-        "smoothgrad_noise": args.smoothgrad_noise,
-        "ig_steps": args.ig_steps,
-        "gradcam_layer": args.gradcam_layer,
-        "rollout_residual": args.rollout_residual,
-    }
-    acc = _Accumulator()
-    roar = _RoarFeatures(args.roar_fractions) if "roar" in groups else None
-    all_labels: list[torch.Tensor] = []
-    figure = FigureData()
+    run = RunContext(args, methods, data.class_names, data.mask_column, tuple(templates), args.seed)
+    scorers = [SCORERS[group](run) for group in groups]
+    evaluation = _Evaluation(args, run, scorers)
     num_batches = -(-len(data.dataset) // args.batch_size)
     for index, batch in enumerate(tqdm(iterate_batches(data, args.batch_size), total=num_batches, desc="evaluate")):
-        need = max(args.grid_images - len(figure), 0) if methods else 0
-        all_labels.append(batch.labels)
-        for position, m in enumerate(models):
-            torch.manual_seed(args.seed + index)  # the same noise and attack starts for every model
-            image_processor = m.processor.image_processor
-            pixels = images_to_pixels(batch.images, image_processor).to(device)
-            labels = batch.labels.to(device)
-            with torch.no_grad():
-                embeds = m.embed(pixels)
-            predictions = zero_shot_predictions(embeds, class_embeds[m.name])
-            if "zero_shot" in groups:
-                acc.add(m.name, "accuracy", None, predictions == labels, templates=len(templates))
-            if "robustness" in groups:
-                for eps in args.robust_eps:
-                    adv = robust_predictions(
-                        m.embed, m.model, pixels, class_embeds[m.name], eps, args.attack_steps, args.attack_step_size
-                    )
-                    attack = {
-                        "eps": eps,
-                        "steps": args.attack_steps,
-                        "step_size": args.attack_step_size,
-                        "norm": "linf",
-                    }
-                    acc.add(m.name, "robust_accuracy", None, adv == labels, **attack)
-            if not methods:
-                continue
-            masks = None
-            if "localization" in groups and batch.masks is not None:
-                masks = masks_to_tensor(batch.masks, image_processor).to(device)
-            text = class_embeds[m.name][labels if args.target == "label" else predictions]
-            if position == 0 and need:
-                figure.pixels.append(pixels[:need].cpu())
-                figure.titles += [data.class_names[int(t)] for t in batch.labels[:need]]
-            if roar is not None:
-                roar.clean[m.name].append(embeds.cpu())
-            for method in methods:
-                maps = saliency(m.model, pixels, text, method, image_processor=image_processor, **method_settings)
-                if need:
-                    figure.maps[method, m.name].append(maps[:need].cpu())
-                _map_metrics(acc, m, method, maps, pixels, masks, text, groups, args)
-                if roar is not None:
-                    roar.add(m, method, pixels, maps)
+        evaluation.batch(index, batch, models, class_embeds, device)
+    results = evaluation.averages.results() + [entry for scorer in scorers for entry in scorer.results()]
+    return _document(args, data, models, run, scorers, device, results), evaluation.figure
 
-    results = acc.results()
-    if roar is not None:
-        results += roar.results(torch.cat(all_labels), len(data.class_names), methods, args.seed)
+
+def _document(args, data, models, run, scorers, device, results) -> dict[str, Any]:
+    """The results file's content: the dataset, the models, the run's settings and the results."""
     settings = {
         key: value
         for key, value in dataclasses.asdict(args).items()
         if key not in ("models", "dataset", "dataset_config", "split", "output", "zero_shot_preset")
     }
     settings.update(
-        metrics=groups,
-        methods=methods,
+        metrics=[scorer.group for scorer in scorers],
+        methods=run.methods,
         device=str(device),
         image_column=data.image_column,
         mask_column=data.mask_column,
         num_classes=len(data.class_names),
-        prompt_templates=list(templates),
-        notes=notes,
+        prompt_templates=list(run.templates),
+        notes=[note for scorer in scorers for note in scorer.notes],
     )
     dataset = {
         "name": args.dataset,
@@ -391,16 +350,14 @@ def run_evaluation(
         "split": args.split,
         "num_images": len(data.dataset),
     }
-    names = [m.name for m in models]
-    return {"schema": SCHEMA, "dataset": dataset, "models": names, "settings": settings, "results": results}, figure
+    return results_document(dataset, [m.name for m in models], settings, results)
 
 
 def write_outputs(results: dict[str, Any], figure: FigureData, output: str, methods: list[str]) -> None:
     """Write ``results.json``, ``summary.md`` and (when maps were computed) ``saliency_grid.png`` into `output`."""
     os.makedirs(output, exist_ok=True)
     save_results(results, os.path.join(output, "results.json"))
-    with open(os.path.join(output, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(summary_markdown(results))
+    save_summary(results, os.path.join(output, "summary.md"))
     if methods and len(figure):
         saliency_grid(
             torch.cat(figure.pixels),

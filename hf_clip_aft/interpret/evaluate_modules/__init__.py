@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 
-# name -> what the module computes (and from which inputs)
+# name -> the metric group whose math the module wraps; the group's metrics are the registry's
+# (hf_clip_aft.interpret.registry.metric_groups()[group]); faithfulness_auc takes any curve (ROAR's too).
 EVALUATE_MODULES = {
-    "saliency_sparsity": "Gini index of saliency maps (predictions: maps)",
-    "saliency_localization": "pointing game, energy pointing game, top-k IoU (predictions: maps, references: masks)",
-    "faithfulness_auc": "area under deletion / insertion / ROAR curves (predictions: curves)",
-    "top1_accuracy": "top-1 accuracy (predictions, references: class indices)",
+    "saliency_sparsity": "sparsity",
+    "saliency_localization": "localization",
+    "faithfulness_auc": "faithfulness",
+    "top1_accuracy": "zero_shot",
 }
 
 
