@@ -64,9 +64,9 @@ class Metric:
         description: one line saying what higher means.
         compute: the function that gives it, where it is a function of its group's inputs (each group's scorer
             documents the call); None where the scorer computes it (e.g. an attack, a probe).
-        settings: the result settings this metric depends on, from the run's arguments
-            (:class:`hf_clip_aft.interpret.EvaluationArguments`): ``args -> {name: value}``. A scorer records them
-            with each result and, where the group says so, passes them to `compute` as keywords.
+        settings: the result settings this metric depends on, from the run (:class:`RunContext`, whose ``args``
+            are the :class:`hf_clip_aft.interpret.EvaluationArguments`): ``run -> {name: value}``. A scorer records
+            them with each result and, where the group says so, passes them to `compute` as keywords.
     """
 
     name: str
@@ -75,11 +75,11 @@ class Metric:
     higher_is_better: bool
     description: str
     compute: Callable[..., torch.Tensor] | None = None
-    settings: Callable[[Any], dict[str, Any]] | None = None
+    settings: Callable[[RunContext], dict[str, Any]] | None = None
 
-    def settings_for(self, args: Any) -> dict[str, Any]:
-        """The settings of this metric's results under the run arguments `args` (empty when it has none)."""
-        return {} if self.settings is None else self.settings(args)
+    def settings_for(self, run: RunContext) -> dict[str, Any]:
+        """The settings of this metric's results in `run` (empty when it has none)."""
+        return {} if self.settings is None else self.settings(run)
 
 
 @dataclass
