@@ -12,6 +12,9 @@ the paper and a setting gives the official behaviour: ``docs/official_parity.md`
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -42,6 +45,59 @@ class AttackSettings(Protocol):
     #   elastic_rule: str               "library" (default) or "official"
     #   attack_momentum: float | None   None (default): see resolve_momentum
     #   clamp_random_start: bool        True (default): project the random start, see adversarial_perturbation
+
+
+@dataclass(frozen=True)
+class ExampleRandomness:
+    """Whose random draws each row of a batch gets: every example its own, from (seed, epoch, index, draw).
+
+    With it, an example's random start and smoothing noise do not depend on which other examples share its batch,
+    how the batch is split across processes, or the order the batches come in: 1 process × batch 8, 2 × 4 and
+    8 × 1 with gradient accumulation draw the same numbers for the same example. Without it the attack draws from
+    torch's global generator, whose stream depends on all of that.
+
+    Args:
+        seed: the run's seed (``AFTConfig.seed``).
+        epoch: the training epoch (0-based); the same example gets fresh draws every epoch.
+        indices: each row's example index in its dataset (``(B,)`` integers, any device).
+    """
+
+    seed: int
+    epoch: int
+    indices: Sequence[int] | torch.Tensor
+
+    def draw_seed(self, index: int, draw: int) -> int:
+        """The generator seed of one draw of one example: a 64-bit hash of (seed, epoch, index, draw).
+
+        ``draw`` 0 is the random start, ``k`` ≥ 1 the smoothing noise of attack step k. (CPU generators keep the low
+        32 bits: two draws may then share their numbers, about one pair in 4·10⁹, which biases nothing.)
+        """
+        key = b"hf_clip_aft.attack/" + ",".join(map(str, (self.seed, self.epoch, index, draw))).encode()
+        return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+
+
+def _draw(
+    like: torch.Tensor,
+    randomness: ExampleRandomness | None,
+    draw: int,
+    fill: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor],
+) -> torch.Tensor:
+    """A tensor shaped like `like`, filled in place by ``fill(tensor, generator)``: row by row from each example's
+    own generator with `randomness`, in one go from the global generator without it."""
+    out = torch.empty_like(like)
+    if randomness is None:
+        fill(out, None)
+        return out
+    indices = randomness.indices.tolist() if isinstance(randomness.indices, torch.Tensor) else randomness.indices
+    if len(indices) != len(out):
+        raise ValueError(f"ExampleRandomness has {len(indices)} example indices for a batch of {len(out)} images.")
+    # Reseeding one generator costs microseconds (a CPU Mersenne twister's state, a CUDA Philox seed): much less
+    # than the draw itself, which is as large as with one global draw.
+    generator = torch.Generator(device=like.device)
+    for row, index in zip(out, indices):
+        generator.manual_seed(randomness.draw_seed(int(index), draw))
+        fill(row, generator)
+    return out
 
 
 def resolve_momentum(norm: str, elastic_rule: str, momentum: float | None) -> float:
@@ -185,6 +241,7 @@ def adversarial_perturbation(
     pixels: torch.Tensor,
     target_embeds: torch.Tensor,
     config: AttackSettings,
+    randomness: ExampleRandomness | None = None,
 ) -> torch.Tensor:
     """Adversarial pixels ``x + δ*`` (detached, in [0, 1]) that push ``embed_fn`` away from `target_embeds`.
 
@@ -205,6 +262,10 @@ def adversarial_perturbation(
         pixels: clean images ``(B, 3, H, W)`` in [0, 1]; for ``group``, H and W multiples of the group size.
         target_embeds: the frozen reference embeddings e0 ``(B, D)``.
         config: budgets in units of 1/255 (see :class:`AttackSettings`).
+        randomness: draw each example's random start and noise from its own generator (:class:`ExampleRandomness`,
+            what :class:`~hf_clip_aft.AFTTrainer` passes, so that a run does not depend on the number of processes).
+            None draws from torch's global generator, for callers without example indices (``torch.manual_seed``
+            then fixes the draws of a whole batch).
     """
     norm = config.attack_norm
     if norm not in ATTACK_NORMS:
@@ -224,14 +285,18 @@ def adversarial_perturbation(
     if config.attack_steps == 0 or eps == 0:
         return pixels.clone()
 
-    delta = torch.empty_like(pixels).uniform_(-eps, eps)
+    delta = _draw(pixels, randomness, 0, lambda t, g: t.uniform_(-eps, eps, generator=g))
     if getattr(config, "clamp_random_start", True):
         delta = _project(delta, pixels, norm, eps, group_size)
 
     velocity = torch.zeros_like(pixels)
-    for _ in range(config.attack_steps):
+    for step in range(1, config.attack_steps + 1):
         # randn · σ / 255 in this order: at σ = 1 the very noise of the official code (randn / 255)
-        smoothed = (pixels + torch.randn_like(pixels) * sigma / 255).clamp(0, 1) if sigma > 0 else pixels
+        if sigma > 0:
+            noise = _draw(pixels, randomness, step, lambda t, g: t.normal_(generator=g))
+            smoothed = (pixels + noise * sigma / 255).clamp(0, 1)
+        else:
+            smoothed = pixels
         delta.requires_grad_(True)
         with torch.enable_grad():
             objective = inner_objective(embed_fn, smoothed, delta, target_embeds, norm, eps, eta, elastic_rule)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoProcessor, BaseImageProcessor, CLIPImageProcessorPil, ProcessorMixin
@@ -22,6 +23,8 @@ logger = logging.getLogger(__name__)
 # The image-processor backend, chosen explicitly: transformers 5 picks torchvision when it is installed, and its
 # resize differs slightly from PIL's, so the same checkpoint would give different pixels on different machines.
 IMAGE_BACKEND = "pil"
+# Each example's position in its dataset (added by `with_example_index`); batches carry it as ``example_index``.
+INDEX_COLUMN = "aft_index"
 
 
 def load_image_processor(name_or_path: str) -> BaseImageProcessor:
@@ -95,6 +98,22 @@ def prepare_dataset(dataset: datasets.Dataset | datasets.IterableDataset, image_
     return dataset.cast_column(image_column, datasets.Image(decode=False))
 
 
+def with_example_index(dataset: datasets.Dataset | datasets.IterableDataset):
+    """The dataset with each example's position in it as a column (:data:`INDEX_COLUMN`), kept as it is when present.
+
+    The collator passes it on as ``example_index``, which seeds the example's own attack randomness
+    (:class:`~hf_clip_aft.attack.ExampleRandomness`). For a streaming dataset it is the position in the stream.
+    """
+    if dataset.features is not None and INDEX_COLUMN in dataset.features:
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        features = None
+        if dataset.features is not None:
+            features = datasets.Features({**dataset.features, INDEX_COLUMN: datasets.Value("int64")})
+        return dataset.map(lambda _, index: {INDEX_COLUMN: index}, with_indices=True, features=features)
+    return dataset.add_column(INDEX_COLUMN, np.arange(len(dataset), dtype=np.int64))
+
+
 def open_image(value: Any) -> Image.Image:
     """A PIL RGB image from what an image column holds: a PIL image, a ``{"bytes", "path"}`` dict, or a path."""
     if isinstance(value, Image.Image):
@@ -118,10 +137,11 @@ def images_to_pixels(images: Sequence[Image.Image], image_processor) -> torch.Te
 
 
 class AFTDataCollator:
-    """Batches examples into ``{"pixel_values", "num_skipped"[, "labels"]}``, all with one row per kept image.
+    """Batches examples into ``{"pixel_values", "num_skipped"[, "labels", "example_index"]}``, one row per kept image.
 
     An image that cannot be decoded is skipped and counted (``num_skipped``), so one corrupt file does not end a
-    long run; the trainer logs the running total as ``skipped_images``.
+    long run; the trainer logs the running total as ``skipped_images``. Examples with an :data:`INDEX_COLUMN` (see
+    :func:`with_example_index`) pass it on as ``example_index``.
     """
 
     def __init__(self, image_processor, image_column: str = "image", label_column: str | None = None):
@@ -130,7 +150,7 @@ class AFTDataCollator:
         self.label_column = label_column
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        images, labels = [], []
+        images, labels, indices = [], [], []
         for example in examples:
             try:
                 images.append(open_image(example[self.image_column]))
@@ -141,6 +161,8 @@ class AFTDataCollator:
                 continue
             if self.label_column is not None:
                 labels.append(int(example[self.label_column]))
+            if INDEX_COLUMN in example:
+                indices.append(int(example[INDEX_COLUMN]))
         if not images:
             raise RuntimeError(f"Every image of a batch of {len(examples)} failed to decode; check the dataset.")
         # The count rides along as a per-row tensor (its sum is the count) because Accelerate concatenates and
@@ -150,4 +172,6 @@ class AFTDataCollator:
         batch = {"pixel_values": images_to_pixels(images, self.image_processor), "num_skipped": num_skipped}
         if self.label_column is not None:
             batch["labels"] = torch.tensor(labels)
+        if indices:
+            batch["example_index"] = torch.tensor(indices, dtype=torch.int64)
         return batch

@@ -12,6 +12,8 @@ import yaml
 
 from hf_clip_aft import AFTConfig, adversarial_perturbation
 from hf_clip_aft.attack import (
+    ExampleRandomness,
+    _draw,
     embedding_distance,
     group_normalize,
     group_norms,
@@ -28,8 +30,14 @@ MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
 
 
 def settings(**overrides):
-    base = {"attack_eps": 4.0, "attack_step_size": 1.0, "attack_steps": 10, "attack_eta": 1.0, "noise_sigma": 1.0,
-            "attack_norm": "huber"}
+    base = {
+        "attack_eps": 4.0,
+        "attack_step_size": 1.0,
+        "attack_steps": 10,
+        "attack_eta": 1.0,
+        "noise_sigma": 1.0,
+        "attack_norm": "huber",
+    }
     return SimpleNamespace(**{**base, **overrides})
 
 
@@ -39,7 +47,10 @@ def setup(tiny_vision):
     pixels = torch.rand(4, 3, 64, 64)
     pixels[0, :, :8] = 0.0  # pixels at the range's edges: the projection must keep x + δ in [0, 1]
     pixels[1, :, :8] = 1.0
-    embed = lambda x: encode_images(tiny_vision, x, MEAN, STD)
+
+    def embed(x):
+        return encode_images(tiny_vision, x, MEAN, STD)
+
     with torch.no_grad():
         target = embed(pixels)
     return tiny_vision, embed, pixels, target
@@ -108,7 +119,7 @@ def test_inner_objective_subtracts_the_penalty(setup):
     with torch.no_grad():
         value = inner_objective(embed, pixels, delta, target, "huber", 4 / 255, 1 / 255)
         distance = embedding_distance(embed(pixels + delta), target).mean()
-    penalty = 0.25 * (3 ** 0.5) * 2 / 255  # every pixel has colour-norm √3 · 2/255
+    penalty = 0.25 * (3**0.5) * 2 / 255  # every pixel has colour-norm √3 · 2/255
     assert value.item() == pytest.approx(distance.item() - penalty, rel=1e-5)
 
 
@@ -256,13 +267,18 @@ def test_official_elastic_penalty_matches_the_formula():
 def test_official_random_start_is_not_clamped(setup, clamp):
     model, embed, pixels, target = setup
     inputs = []
-    record = lambda x: inputs.append(x.detach().clone()) or embed(x)
+
+    def record(x):
+        inputs.append(x.detach().clone())
+        return embed(x)
+
     torch.manual_seed(3)
     drawn = torch.empty_like(pixels).uniform_(-4 / 255, 4 / 255)
     torch.manual_seed(3)
     with frozen_parameters(model):
-        adversarial_perturbation(record, pixels, target, settings(attack_steps=1, noise_sigma=0.0,
-                                                                  clamp_random_start=clamp))
+        adversarial_perturbation(
+            record, pixels, target, settings(attack_steps=1, noise_sigma=0.0, clamp_random_start=clamp)
+        )
     if clamp:
         assert torch.equal(inputs[0], (pixels + drawn).clamp(0, 1))
     else:
@@ -317,3 +333,47 @@ def test_weight_decay_on_every_parameter(tiny_vision):
     assert AFTConfig(output_dir="unused").decay_parameter_names(tiny_vision, default) == default
     official = AFTConfig(output_dir="unused", weight_decay_all_parameters=True)
     assert official.decay_parameter_names(tiny_vision, default) == names
+
+
+def test_example_randomness_does_not_depend_on_the_batch_split(setup):
+    """The same example gets the same start and noise alone, in a batch of 4 at any row, or split over two calls."""
+    model, embed, pixels, target = setup
+    indices = torch.tensor([5, 0, 7, 2])
+    randomness = ExampleRandomness(seed=3, epoch=1, indices=indices)
+    with frozen_parameters(model):
+        whole = adversarial_perturbation(embed, pixels, target, settings(), randomness)
+        halves = [
+            adversarial_perturbation(
+                embed, pixels[part], target[part], settings(), ExampleRandomness(3, 1, indices[part])
+            )
+            for part in (slice(0, 2), slice(2, 4))
+        ]
+        reversed_rows = adversarial_perturbation(
+            embed, pixels.flip(0), target.flip(0), settings(), ExampleRandomness(3, 1, indices.flip(0))
+        )
+    # Sign steps: the rows agree exactly unless a float difference between batch sizes flips a gradient's sign.
+    torch.testing.assert_close(torch.cat(halves), whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(reversed_rows.flip(0), whole, rtol=0, atol=1e-6)
+
+
+def test_example_randomness_is_fresh_per_example_epoch_and_step(setup):
+    _, _, pixels, _ = setup
+    row = pixels[:1]
+    draws = {}
+    for seed, epoch, index, draw in [(0, 0, 0, 0), (0, 0, 0, 1), (0, 0, 1, 1), (0, 1, 0, 1), (1, 0, 0, 1)]:
+        draws[seed, epoch, index, draw] = _draw(
+            row, ExampleRandomness(seed, epoch, [index]), draw, lambda t, g: t.normal_(generator=g)
+        )
+    values = list(draws.values())
+    assert all(not torch.equal(a, b) for i, a in enumerate(values) for b in values[i + 1 :])
+    again = _draw(row, ExampleRandomness(0, 1, [0]), 1, lambda t, g: t.normal_(generator=g))
+    assert torch.equal(again, draws[0, 1, 0, 1])
+    # The random start and the noise are seeded independently of torch's global generator.
+    torch.manual_seed(0)
+    assert not torch.equal(torch.randn_like(row), draws[0, 0, 0, 1])
+
+
+def test_example_randomness_needs_one_index_per_row(setup):
+    _, embed, pixels, target = setup
+    with pytest.raises(ValueError, match="3 example indices for a batch of 4"):
+        adversarial_perturbation(embed, pixels, target, settings(), ExampleRandomness(0, 0, [0, 1, 2]))

@@ -5,8 +5,16 @@ import pytest
 import torch
 from PIL import Image
 
-from hf_clip_aft.data import AFTDataCollator, find_image_column, images_to_pixels, load_image_dataset
 from conftest import PHOTOS
+from hf_clip_aft.data import (
+    INDEX_COLUMN,
+    AFTDataCollator,
+    find_image_column,
+    images_to_pixels,
+    load_image_dataset,
+    prepare_dataset,
+    with_example_index,
+)
 
 
 def test_every_pil_mode_becomes_rgb_pixels_in_unit_range(tiny_processor):
@@ -67,3 +75,15 @@ def test_streaming_dataset_trains(tmp_path, tiny_clip_path):
     trainer = AFTTrainer(tiny_clip_path, args=args, train_dataset=streamed)
     trainer.train()
     assert trainer.state.global_step == 3 and trainer.state.log_history[0]["skipped_images"] == 0
+
+
+def test_batches_carry_each_kept_example_index(tiny_processor, photos_dataset):
+    dataset = with_example_index(prepare_dataset(photos_dataset, "image"))
+    assert dataset[INDEX_COLUMN] == list(range(8)) and with_example_index(dataset) is dataset
+    examples = [dataset[i] for i in (6, 2, 4)]
+    examples[1] = {**examples[1], "image": {"path": None, "bytes": b"garbage"}}
+    batch = AFTDataCollator(tiny_processor.image_processor)(examples)
+    assert batch["example_index"].tolist() == [6, 4]  # the unreadable example's index is dropped with it
+    streamed = with_example_index(prepare_dataset(photos_dataset.to_iterable_dataset(), "image"))
+    assert INDEX_COLUMN in streamed.features
+    assert [example[INDEX_COLUMN] for example in streamed] == list(range(8))
