@@ -1,13 +1,13 @@
 """The interactive comparison page: CLIP models side by side on one image (zero-shot probabilities and maps).
 
-:mod:`.compare` computes and draws (no web framework needed); :mod:`.page` is the Gradio page over it
+:mod:`.comparison` computes and draws (no web framework needed); :mod:`.page` is the Gradio page over it
 (``pip install "hf_clip_aft[app]"``), started by ``recipes/app.py`` / ``hf-clip-aft app`` or, on a Space, by the
 ``app.py`` that :mod:`hf_clip_aft.release.space` writes.
 """
 
 from importlib import import_module
 
-from .compare import (
+from .comparison import (
     PROMPT_PRESETS,
     PROMPT_STYLES,
     Comparison,

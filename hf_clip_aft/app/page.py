@@ -1,6 +1,6 @@
 """The Gradio page: pick an image and class prompts, see every model's zero-shot probabilities and maps side by side.
 
-The page only wires inputs to :mod:`hf_clip_aft.app.compare`; models are loaded once, before the page starts, and
+The page only wires inputs to :mod:`hf_clip_aft.app.comparison`; models are loaded once, before the page starts, and
 every request reuses them. Bad input (no image, an unreadable file, no prompts, no method) comes back as a message on
 the page (`gr.Error`), and models that failed to load are named at the top of the page.
 """
@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..interpret import MAP_METHODS, get_map_method
 from ..interpret.suite import LoadedModel
-from .compare import (
+from .comparison import (
     PROMPT_PRESETS,
     PROMPT_STYLES,
     Comparison,
@@ -58,7 +58,7 @@ def build_app(
 ) -> gr.Blocks:
     """The page comparing the loaded `models` (in order, base first); `problems` (``{model: why}``) are shown on it.
 
-    `methods` are ticked when the page opens (default: :func:`~hf_clip_aft.app.compare.default_methods`); every
+    `methods` are ticked when the page opens (default: :func:`~hf_clip_aft.app.comparison.default_methods`); every
     registered map method is offered.
     """
     if not models:
@@ -99,7 +99,8 @@ def build_app(
     def redraw(result: Comparison | None, opacity: float) -> Image.Image | None:
         return None if result is None else comparison_figure(result, opacity)
 
-    with gr.Blocks(title=title) as demo:
+    # No analytics calls home: the page works offline, and sends nothing about its use anywhere.
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"# {title}\n\n{INTRO}")
         if problems:
             lines = "\n".join(f"- `{name}`: {why}" for name, why in problems.items())
@@ -107,8 +108,12 @@ def build_app(
         state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=260)
-                gr.Examples([[str(p)] for p in example_images()], inputs=image, label="Example images")
+                image = gr.Image(
+                    type="filepath", label="Image", sources=["upload", "clipboard"], height=260, elem_id="image"
+                )
+                gr.Examples(
+                    [[str(p)] for p in example_images()], inputs=image, label="Example images", elem_id="examples"
+                )
                 preset = gr.Dropdown(list(PROMPT_PRESETS), value=first_preset, label="Preset classes")
                 prompts = gr.Textbox(PROMPT_PRESETS[first_preset], label="Class prompts, comma-separated")
                 style = gr.Radio(
@@ -137,6 +142,7 @@ def build_app(
                     type="pil",
                     format="png",
                     label="Maps over the image (one colour scale per method)",
+                    show_label=False,  # the label would sit on the figure's model names
                     interactive=False,
                     buttons=["download", "fullscreen"],
                     elem_id="figure",

@@ -265,7 +265,7 @@ def comparison_figure(comparison: Comparison, opacity: float = 0.6) -> Image.Ima
         draw.text((x, 3 + line), f"top: {best} ({p:.0%})", fill="dimgray", font=font)
         draw.text((x, 3 + 2 * line), f"maps explain: {result.target}", fill="dimgray", font=font)
     bar_x = label_width + len(models) * size + 6
-    draw.multiline_text((bar_x, 3), "colour:\nx image\nmean", fill="dimgray", font=font)
+    draw.multiline_text((bar_x, 3), "saliency /\nimage\nmean", fill="dimgray", font=font)
     for i, method in enumerate(comparison.methods):
         y = header + i * size
         top = comparison.scale(method)
