@@ -197,6 +197,17 @@ def test_space_folder_pins_the_package_and_links_the_models(tmp_path, caplog):
         space.write_space(tmp_path / "other", "org/demo", ["org/clip-aft"])
 
 
+def test_push_with_space_writes_it_lists_it_and_the_card_links_it(models, tmp_path, capsys):
+    checkpoint = shutil.copytree(models["aft"], tmp_path / "run")
+    argv = ["--checkpoint", str(checkpoint), "--repo_id", "org/clip-aft", "--space", "org/clip-aft-demo"]
+    run_command("push", [*argv, "--base_model", "openai/clip-vit-base-patch16", "--dry_run", "true"])
+    printed = capsys.readouterr().out
+    assert "Would upload to the Space org/clip-aft-demo:" in printed and "requirements.txt" in printed
+    card = space.check_space(tmp_path / "run-hub-space")
+    assert card.data.models == ["openai/clip-vit-base-patch16", "org/clip-aft"]
+    assert "https://huggingface.co/spaces/org/clip-aft-demo" in (tmp_path / "run-hub" / "README.md").read_text()
+
+
 # --- the real app: gradio_client, then a browser ---------------------------------------------------------------------
 
 
