@@ -58,7 +58,8 @@ def parse_args(
 ) -> tuple[Any, ...]:
     """Parse ``[config.yaml|config.json] [--key value ...]``: the file sets defaults, command-line flags override them.
 
-    Unknown keys in the file are an error that names them, so a typo cannot silently fall back to a default.
+    Unknown keys in the file are an error that names them, so a typo cannot silently fall back to a default, and a
+    value of the wrong type (``attack_steps: 2.5``) is an error naming the field, the value and the expected type.
     ``parser_kwargs`` go to the `HfArgumentParser` (e.g. ``prog``, ``description``).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -75,7 +76,13 @@ def parse_args(
         for action in parser._actions:
             if action.dest in values:
                 action.required = False
-    return parser.parse_args_into_dataclasses(args=argv)
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    from .config import AFTConfig, check_field_types  # imported here: listing the commands must stay quick
+
+    for config in parsed:
+        if not isinstance(config, AFTConfig):  # AFTConfig checks its own types before TrainingArguments converts them
+            check_field_types(config)
+    return parsed
 
 
 def _command_module_path(name: str) -> str:

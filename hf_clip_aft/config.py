@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import enum
+import functools
 import logging
-from dataclasses import dataclass, field
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from torch import nn
 from transformers import TrainingArguments
@@ -14,6 +21,12 @@ from .loss import LOSS_TYPES
 logger = logging.getLogger(__name__)
 
 PRESETS = ("paper", "official")
+# Settings under which a run is not adversarial fine-tuning: refused unless `allow_no_op`, and named on the card.
+NO_OP_SETTINGS = {
+    "attack_eps": "no attack, ε = 0",
+    "attack_steps": "no attack, K = 0",
+    "learning_rate": "no weight update",
+}
 # What the official training code (github.com/peterant330/CLIP_AFT) runs, as AFTConfig values: the README's training
 # command where it passes a flag, the code itself elsewhere. docs/official_parity.md gives the file and line of each,
 # and recipes/configs/official-*.yaml set them all. The global batch (README: 128) is not a single field.
@@ -67,12 +80,14 @@ class AFTConfig(TrainingArguments):
     # --- inner maximisation (the attack) ---
     attack_eps: float = field(
         default=4.0,
-        metadata={"help": "Attack radius ε in units of 1/255 (paper: 4, i.e. 4/255). 0 disables the attack."},
+        metadata={"help": "Attack radius ε in units of 1/255 (paper: 4, i.e. 4/255). 0 (no attack) needs allow_no_op."},
     )
     attack_step_size: float = field(
         default=1.0, metadata={"help": "PGD step size α in units of 1/255 (paper: 1, i.e. 1/255)."}
     )
-    attack_steps: int = field(default=10, metadata={"help": "Number of PGD steps K (paper: 10). 0 disables the attack."})
+    attack_steps: int = field(
+        default=10, metadata={"help": "Number of PGD steps K (paper: 10). 0 (no attack) needs allow_no_op."}
+    )
     attack_norm: str = field(
         default="huber",
         metadata={
@@ -187,16 +202,56 @@ class AFTConfig(TrainingArguments):
             "choices": list(PRESETS),
         },
     )
+    allow_no_op: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow attack_eps=0, attack_steps=0 or learning_rate=0, under which the run is not adversarial "
+            "fine-tuning (e.g. a clean control); the model card then says so. Refused without this flag."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Write into an output_dir that holds files this library did not write (they may be replaced). "
+            "Without it such a folder is refused; an empty one, or one of this library's runs, is always fine."
+        },
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Resume training from this checkpoint-N folder, or 'true' for the latest complete checkpoint in "
+            "output_dir (the train command passes it to Trainer.train)."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Must stay False: the AFT collator reads the image column that Trainer would drop."},
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.resume_from_checkpoint, bool):  # `resume_from_checkpoint: true` in a YAML file
+            self.resume_from_checkpoint = "true" if self.resume_from_checkpoint else None
+        check_field_types(self)
+        for name in (f.name for f in fields(self) if f.name.endswith("_token")):
+            if getattr(self, name):
+                # Never echo the value: this message may end up in a log.
+                raise ValueError(
+                    f"{name} is refused: the training arguments are pickled into every checkpoint "
+                    "(training_args.bin, uploaded with hub_strategy='checkpoint'), so a token there would be "
+                    "written to disk. Log in with `hf auth login`, or set the HF_TOKEN environment variable."
+                )
+        no_ops = no_op_reasons(vars(self))
+        if no_ops and not self.allow_no_op:
+            raise ValueError(
+                f"{'; '.join(no_ops)}: this run would not be adversarial fine-tuning, and its model would be "
+                "carded as AFT. Use positive values (paper: attack_eps=4, attack_steps=10, learning_rate=1e-5), or "
+                "set allow_no_op=True for a deliberate control run (its card then says it is not AFT)."
+            )
         checks = [
             ("attack_eps", self.attack_eps, 0 <= self.attack_eps <= 255, "in [0, 255] (units of 1/255; paper: 4)"),
             ("attack_step_size", self.attack_step_size, self.attack_step_size > 0, "> 0 (units of 1/255; paper: 1)"),
             ("attack_steps", self.attack_steps, self.attack_steps >= 0, "≥ 0 (paper: 10)"),
+            ("learning_rate", self.learning_rate, self.learning_rate >= 0, "≥ 0 (paper: 1e-5)"),
             ("noise_sigma", self.noise_sigma, self.noise_sigma >= 0, "≥ 0 (units of 1/255; paper: 1)"),
             ("attack_norm", self.attack_norm, self.attack_norm in ATTACK_NORMS, f"one of {ATTACK_NORMS}"),
             (
@@ -245,6 +300,10 @@ class AFTConfig(TrainingArguments):
                     ", ".join(f"{name}={value!r} [{OFFICIAL_SETTINGS[name]!r}]" for name, value in differing.items()),
                 )
 
+    def resume_target(self) -> str | bool | None:
+        """What `Trainer.train` takes as ``resume_from_checkpoint``: a folder, True for the latest, or None."""
+        return True if str(self.resume_from_checkpoint).lower() == "true" else self.resume_from_checkpoint
+
     def official_differences(self) -> dict[str, object]:
         """The settings of this run that differ from :data:`OFFICIAL_SETTINGS`, with this run's values."""
         values = {name: getattr(self, name) for name in OFFICIAL_SETTINGS}
@@ -264,3 +323,76 @@ class AFTConfig(TrainingArguments):
         """Names of the parameters AdamW decays: every parameter of `model` with ``weight_decay_all_parameters``
         (the official code), else `default` (the Trainer's rule: no decay on biases and LayerNorm weights)."""
         return [name for name, _ in model.named_parameters()] if self.weight_decay_all_parameters else default
+
+
+def no_op_reasons(settings: Mapping[str, Any]) -> list[str]:
+    """Why a run with these settings (an `AFTConfig`'s fields, or a training record's hyperparameters) is not AFT:
+    one ``"<field>=0 (<what it means>)"`` per :data:`NO_OP_SETTINGS` entry that is 0; empty for a real AFT run."""
+    return [f"{name}=0 ({what})" for name, what in NO_OP_SETTINGS.items() if settings.get(name) == 0]
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` has the type `hint` (what a dataclass field's annotation says), as a config value."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is object:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple, set):
+        return isinstance(value, (list, tuple)) and all(_fits(item, args[0] if args else Any) for item in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # an int is a valid float (`learning_rate: 1`), a bool is not
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, (str, os.PathLike))  # paths given as `Path` objects
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return isinstance(value, hint) or value in {member.value for member in hint}
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is typing.Literal:
+        return " or ".join(repr(arg) for arg in args)
+    if origin in (list, tuple, set):
+        return f"a list of {_describe(args[0]) if args else 'values'}"
+    if hint is type(None):
+        return "None"
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_field_types(config: Any) -> None:
+    """Check every field of the dataclass instance `config` against its annotation (`int`, `float`, `str | None`,
+    `list[str]`, ...), and raise TypeError naming each field, its value and the expected type otherwise.
+
+    Command-line flags are converted by argparse, but values from a YAML/JSON file arrive as the file typed them
+    (``attack_steps: 2.5`` is a float): this is where they are caught, before any compute.
+    """
+    hints = _type_hints(type(config))
+    problems = []
+    for f in fields(config):
+        value, hint = getattr(config, f.name), hints.get(f.name, Any)
+        # HfArgumentParser leaves None in list-typed fields it was not given (e.g. TrainingArguments.debug).
+        parser_default = value is None and "list" in str(hint)
+        if f.init and not parser_default and not _fits(value, hint):
+            problems.append(f"{f.name}={value!r} is a {type(value).__name__}; expected {_describe(hint)}")
+    if problems:
+        raise TypeError(
+            "Invalid setting types (in the config file or on the command line): " + "; ".join(problems) + "."
+        )

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
@@ -71,6 +72,8 @@ _BLOCK_KEYS = {
 # nn.MultiheadAttention packs the q, k and v projections, in that order, along the output dimension.
 _PACKED_KEYS = {"attn.in_proj_weight": "weight", "attn.in_proj_bias": "bias"}
 _BLOCK_INDEX = re.compile(r"^transformer\.resblocks\.(\d+)\.")
+# What torch.load(weights_only=True) names when a pickle holds an object other than tensors and containers.
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
 
 # OpenAI's ModifiedResNet image encoders, by residual blocks per stage.
 _RESNETS = {
@@ -155,18 +158,36 @@ def open_clip_to_transformers(state_dict: StateDict, layers: int) -> tuple[dict[
 
 
 def _read_checkpoint(path: Path) -> Mapping:
+    """The tensors of a safetensors file, or of a pickled checkpoint read with ``weights_only=True`` (tensors and
+    plain containers only: unpickling anything else could run code). Damaged files and pickles holding other
+    objects are refused with a ValueError that says which, without the loading error's own advice."""
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {str(path)!r}.")
     if path.suffix == ".safetensors":
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"{path.name} is not a readable safetensors file ({error}): it is damaged or incomplete (an "
+                "interrupted download or copy?), or not safetensors at all. Download it again."
+            ) from None
     if path.suffix in (".pt", ".pth", ".bin"):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
+        except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as error:
+            # torch's own message advises weights_only=False, i.e. running the file's code: it is not repeated.
+            found = _UNSUPPORTED_GLOBAL.search(str(error))
+            if found:
+                raise ValueError(
+                    f"{path.name} holds Python objects besides tensors (e.g. {found.group(1)}), and this library "
+                    "only reads tensors from pickled checkpoints (unpickling objects can run arbitrary code). Get "
+                    "the weights as .safetensors, or re-save just the state dict of tensors where it was written: "
+                    "safetensors.torch.save_file(state_dict, 'model.safetensors')."
+                ) from None
             raise ValueError(
-                f"{path.name} holds objects other than tensors, which torch.load(weights_only=True) refuses. If you "
-                "trust the file, load it with torch.load(path, weights_only=False) and pass the state dict instead."
-            ) from error
+                f"{path.name} is not a readable PyTorch checkpoint ({type(error).__name__}): it is damaged, "
+                "truncated or not a checkpoint at all. Download it again, or pass the .safetensors file."
+            ) from None
     raise ValueError(f"Unsupported checkpoint file {path.name!r}: expected .pt, .pth, .bin or .safetensors.")
 
 

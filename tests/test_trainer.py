@@ -43,7 +43,7 @@ def assert_same_weights(a, b, atol=1e-6):
 
 
 def test_zero_budget_gives_zero_loss_at_initialisation(tmp_path, tiny_clip_path, photos_dataset):
-    trainer = AFTTrainer(tiny_clip_path, args=make_args(tmp_path, attack_eps=0.0, max_steps=1), train_dataset=photos_dataset)
+    trainer = AFTTrainer(tiny_clip_path, args=make_args(tmp_path, attack_eps=0.0, allow_no_op=True, max_steps=1), train_dataset=photos_dataset)
     trainer.train()
     first = trainer.state.log_history[0]
     assert first["loss"] == 0.0 and first["attack_loss"] == 0.0

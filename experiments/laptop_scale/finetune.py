@@ -128,6 +128,7 @@ def finetune(
             disable_tqdm=True,
             dataloader_num_workers=0,
             seed=seed,
+            allow_no_op=variant == "clean",  # the clean control has no attack, on purpose
             **attack_settings(variant, spec),
         )
         collator = _RecordingCollator(image_processor)

@@ -20,6 +20,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, is_offline_mode
 
+from ..config import no_op_reasons
 from .export import CARD_NAME
 from .names import is_local_path, on_hub, public_name
 from .record import TrainingRecord
@@ -127,6 +128,15 @@ def format_duration(seconds: float) -> str:
     """``"2 h 03 min (7380 s)"``."""
     hours, rest = divmod(round(seconds), 3600)
     return f"{hours} h {rest // 60:02d} min ({seconds:.0f} s)"
+
+
+def _monitor_rows(summary: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The card's "Interpretability during training" table from a record's ``training_evaluation``."""
+    if not summary:
+        return None
+    base, final, best = summary["base"], summary["final"], summary["best"]
+    rows = [(name, f"{base[name]:.4f}", f"{final[name]:.4f}", f"{best[name]:.4f}") for name in base if name in final]
+    return {**summary, "rows": rows}
 
 
 def read_eval_report(path: str | Path) -> dict[str, Any]:
@@ -292,12 +302,14 @@ def render_card(
         dataset=record.dataset,
         license=license,
         hp=hp,
+        not_aft=no_op_reasons(hp) if hp else None,
         rows=hyperparameter_rows(hp) if hp else None,
         training_time=format_duration(record.train_runtime_s) if record.train_runtime_s else None,
         hardware=record.hardware,
         global_steps=record.global_steps,
         weights_source=record.weights_source,
         versions=record.versions,
+        monitor=_monitor_rows(record.training_evaluation),
         results=rows,
         eval_dataset=eval_report and {**eval_report["dataset"], "name": public_name(eval_report["dataset"]["name"])},
         saliency_figure=figure_name,

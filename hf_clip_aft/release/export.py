@@ -138,30 +138,115 @@ def legacy_processor_layout(folder: Path) -> None:
         path.unlink()
 
 
+# What a training run of this library leaves in its output_dir besides an export: checkpoints, the folder
+# push_to_hub exports to (`AFTTrainer`'s HUB_FOLDER), TensorBoard logs. Hidden entries (staging folders, editor and
+# OS metadata) never count as someone else's.
+_RUN_OWNED = ("checkpoint-*", "_hub", "runs", ".*")
+
+
+def foreign_entries(folder: str | Path) -> list[str]:
+    """The entries of `folder` that this library did not write, sorted; [] when there is nothing to protect.
+
+    That is: a missing or empty folder, one holding a training record (an export, or a checkpoint of this
+    library's), or one holding only what a training run writes (checkpoints, ``_hub``, ``runs``) gives [].
+    """
+    folder = Path(folder)
+    if not folder.is_dir() or any((folder / name).is_file() for name in (RECORD_NAME, LEGACY_RECORD_NAME)):
+        return []
+    return sorted(e.name for e in folder.iterdir() if not any(fnmatch.fnmatch(e.name, p) for p in _RUN_OWNED))
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """Flush every file under `folder`, and the folders' entries, to disk (before a rename publishes them)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(root)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a no-op where folders cannot be opened (Windows)."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _staging_prefix(output_dir: Path) -> str:
+    return f".{output_dir.name}.staging-"
+
+
+def remove_staging_leftovers(output_dir: str | Path) -> list[Path]:
+    """Delete the staging folders that interrupted writes of `output_dir` left beside it; return them.
+
+    Matches this module's staging names (``.<name>.staging-*``) and those of earlier versions (``.<name>-`` and
+    the 8 characters `tempfile.mkdtemp` adds).
+    """
+    output_dir = Path(output_dir)
+    legacy = re.compile(re.escape(f".{output_dir.name}-") + r"[a-z0-9_]{8}$")
+    parent = output_dir.parent
+    leftovers = [
+        p
+        for p in (parent.iterdir() if parent.is_dir() else ())
+        if p.is_dir() and (p.name.startswith(_staging_prefix(output_dir)) or legacy.match(p.name))
+    ]
+    for path in leftovers:
+        logger.warning("Removing %s, left by an interrupted write of %s.", path, output_dir)
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
+
+
 @contextmanager
 def staged_folder(output_dir: str | Path) -> Iterator[Path]:
     """A temporary folder beside `output_dir` whose contents replace those of `output_dir` if the block succeeds.
 
-    Files a previous export left in `output_dir` (weights, shard index, adapter, card) are removed first, so that
-    a failure leaves the old folder untouched and a success leaves no stale file beside the new ones.
+    Nothing half-written is ever visible as a model folder:
+
+    - a new (or empty) `output_dir` appears with one rename of the complete, fsynced staging folder;
+    - an existing one (it may also hold training checkpoints, which must stay) first loses its ``config.json``,
+      so that it does not load as a model while the new files move in, and gets the new ``config.json`` last.
+      Files a previous export left there (weights, shard index, adapter, card) are removed, so that no stale file
+      sits beside the new ones.
+
+    A failure in the block leaves `output_dir` untouched. Staging folders of interrupted runs are removed at the
+    next call (:func:`remove_staging_leftovers`).
     """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    remove_staging_leftovers(output_dir)
+    staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(output_dir), dir=output_dir.parent))
     try:
         yield staging
-        output_dir.mkdir(exist_ok=True)
-        new = {item.name for item in staging.iterdir()}
-        for item in output_dir.iterdir():
-            if item.name not in new and any(fnmatch.fnmatch(item.name, p) for p in _EXPORT_OWNED):
-                shutil.rmtree(item) if item.is_dir() else item.unlink()
-        for item in staging.iterdir():
-            target = output_dir / item.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            item.replace(target)
+        fsync_tree(staging)
+        if output_dir.is_dir() and not any(output_dir.iterdir()):
+            output_dir.rmdir()
+        if not output_dir.exists():
+            staging.rename(output_dir)
+        else:
+            _move_into(staging, output_dir)
+        fsync_dir(output_dir.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into(staging: Path, output_dir: Path) -> None:
+    """Replace `output_dir`'s export files by `staging`'s, ``config.json`` out first and in last."""
+    (output_dir / "config.json").unlink(missing_ok=True)
+    new = {item.name for item in staging.iterdir()}
+    for item in output_dir.iterdir():
+        if item.name not in new and any(fnmatch.fnmatch(item.name, p) for p in _EXPORT_OWNED):
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    for item in sorted(staging.iterdir(), key=lambda p: p.name == "config.json"):
+        target = output_dir / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        item.replace(target)
+    fsync_dir(output_dir)
 
 
 def export_clip(
@@ -170,6 +255,7 @@ def export_clip(
     output_dir: str | Path,
     processor=None,
     record: TrainingRecord | None = None,
+    adapter_from: str | Path | None = None,
 ) -> Path:
     """Write a complete `CLIPModel` folder: `trained`'s vision tower and projection, `base`'s text tower.
 
@@ -183,6 +269,7 @@ def export_clip(
         processor: the processor to save with the model (a `CLIPProcessor`; a bare image processor gets the base's
             tokenizer added).
         record: the training record, saved with the model as ``training_record.json`` (the card reads it).
+        adapter_from: an ``adapter/`` folder to copy into the export (when re-exporting an export that has one).
 
     Returns:
         `output_dir`, which :func:`validate_export` accepts.
@@ -219,6 +306,8 @@ def export_clip(
         legacy_processor_layout(staging)
         if hasattr(trained, "merge_and_unload"):
             _save_adapter(trained, staging / ADAPTER_DIR, hub_id(base))
+        if adapter_from is not None:
+            shutil.copytree(adapter_from, staging / ADAPTER_DIR, dirs_exist_ok=True)
         if record is not None:
             record.save(staging)
     return Path(output_dir)
@@ -266,10 +355,8 @@ def export_checkpoint(
         processor = AutoProcessor.from_pretrained(checkpoint)
     except (OSError, ValueError):
         processor = None  # the checkpoint has no processor files: export_clip takes the base's
-    export_clip(trained, base, output_dir, processor=processor, record=record)
-    if (checkpoint / ADAPTER_DIR).is_dir() and not adapter_config.is_file():
-        shutil.copytree(checkpoint / ADAPTER_DIR, output_dir / ADAPTER_DIR, dirs_exist_ok=True)
-    return output_dir
+    adapter = checkpoint / ADAPTER_DIR if (checkpoint / ADAPTER_DIR).is_dir() and not adapter_config.is_file() else None
+    return export_clip(trained, base, output_dir, processor=processor, record=record, adapter_from=adapter)
 
 
 def _json_strings(value: Any) -> Iterator[str]:

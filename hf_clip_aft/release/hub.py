@@ -8,12 +8,20 @@ commit. `PreTrainedModel.push_to_hub` is never used: it would replace our model 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi
-from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError
+from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError, safe_open
+
+try:  # the HTTP client under huggingface_hub: httpx2 from its 2.x, httpx before
+    from httpx2 import HTTPError as _HubTransportError
+except ImportError:
+    from httpx import HTTPError as _HubTransportError
 
 from .card import check_card
 from .export import validate_export
@@ -21,6 +29,40 @@ from .export import validate_export
 logger = logging.getLogger(__name__)
 
 _LOGIN_FIX = "log in with `hf auth login` (a token with write access) or set the HF_TOKEN environment variable"
+_NETWORK_FIX = (
+    "check the network connection and any proxy (HTTPS_PROXY); HF_HUB_OFFLINE=1 must not be set for a push. To "
+    "train offline, drop push_to_hub and publish the output folder later with `hf-clip-aft push`"
+)
+
+
+def check_model_source(name: str | os.PathLike) -> None:
+    """Before loading a model by name: `name` must be an existing folder with readable safetensors weights, or a
+    Hub id (``"namespace/name"``). Raises FileNotFoundError or ValueError that names the problem and the fix (where
+    transformers would say "Repo id must be in the form ..." for a mistyped local path, or fail deep in a load)."""
+    path = Path(name)
+    if path.is_file():
+        raise ValueError(
+            f"{str(name)!r} is a file; a model is a folder (config.json and model.safetensors, as save_pretrained "
+            "writes) or a Hub id. To use an open_clip checkpoint file, convert it first: `hf-clip-aft convert`."
+        )
+    if path.is_dir():
+        for weights in sorted(path.glob("*.safetensors")):
+            try:
+                with safe_open(weights, framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as err:
+                raise ValueError(
+                    f"{weights} is not a readable safetensors file ({err}): it is damaged or incomplete (an "
+                    "interrupted download or copy?). Download or export the model again."
+                ) from None
+        return
+    try:
+        validate_repo_id(str(name))
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"No model folder at {str(name)!r} (nothing exists at that path), and it is not a Hub id of the form "
+            "'namespace/name' either: check the path, or give a Hub id such as 'openai/clip-vit-base-patch16'."
+        ) from None
 
 
 def check_push_access(repo_id: str, token: str | None = None, private: bool | None = None) -> str:
@@ -36,6 +78,7 @@ def check_push_access(repo_id: str, token: str | None = None, private: bool | No
 
     Raises:
         PermissionError: no token, a rejected token, or no write access to `repo_id`; the message says how to fix it.
+        ConnectionError: the Hub cannot be reached (offline, a proxy, ``HF_HUB_OFFLINE=1``); the message says so.
     """
     api = HfApi(token=token)
     try:
@@ -44,6 +87,11 @@ def check_push_access(repo_id: str, token: str | None = None, private: bool | No
         raise PermissionError(f"Cannot push to {repo_id!r}: no Hugging Face token found; {_LOGIN_FIX}.") from None
     except HfHubHTTPError as err:
         raise PermissionError(f"Cannot push to {repo_id!r}: the token was rejected ({err}); {_LOGIN_FIX}.") from err
+    except (_HubTransportError, ConnectionError, TimeoutError) as err:
+        raise ConnectionError(
+            f"Cannot push to {repo_id!r}: the Hugging Face Hub ({api.endpoint}) cannot be reached "
+            f"({type(err).__name__}: {err}); {_NETWORK_FIX}."
+        ) from None
     try:
         full_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         api.auth_check(full_id, write=True)

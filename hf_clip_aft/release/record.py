@@ -80,6 +80,10 @@ class TrainingRecord:
         weights_source: for weights imported rather than trained here, the checkpoint they came from (a Hub repo
             and file, or a local file's name).
         versions: ``{package: version}`` of hf_clip_aft, transformers and torch in the run.
+        training_evaluation: the interpretability measured during training by the map monitor
+            (:meth:`hf_clip_aft.interpret.monitor.MapMonitorCallback.summary`): the watched ``metric``, the
+            ``base`` values at step 0, the ``final`` values at ``final_step``, the ``best`` values at ``best_step``,
+            and the ``warnings`` raised; None when the run was not monitored.
     """
 
     base_model: str | None = None
@@ -94,6 +98,7 @@ class TrainingRecord:
     skipped_images: int | None = None
     weights_source: str | None = None
     versions: dict[str, str] | None = None
+    training_evaluation: dict[str, Any] | None = None
     schema: str = RECORD_SCHEMA
 
     @classmethod
@@ -108,6 +113,7 @@ class TrainingRecord:
         global_steps: int | None = None,
         skipped_images: int | None = None,
         weights_source: str | None = None,
+        training_evaluation: dict[str, Any] | None = None,
     ) -> TrainingRecord:
         """The record of a run configured by `args` (None: weights not trained here), with the installed versions.
 
@@ -120,6 +126,7 @@ class TrainingRecord:
             global_steps=global_steps,
             train_runtime_s=train_runtime,
             skipped_images=skipped_images,
+            training_evaluation=training_evaluation,
         )
         return record.with_sources(base_model=base_model, dataset_name=dataset_name, weights_source=weights_source)
 
@@ -166,21 +173,12 @@ class TrainingRecord:
     def load(cls, folder: str | Path) -> TrainingRecord | None:
         """The record of a model or checkpoint folder, or None when it holds none.
 
-        Read from ``training_record.json`` (or an older export's ``aft_training.json``), else rebuilt from a Trainer
-        checkpoint's ``training_args.bin`` and ``trainer_state.json`` (without the base model, dataset, hardware,
-        time and versions, which those files do not record).
+        Read from ``training_record.json`` (which the trainer also writes into every checkpoint-N) or an older
+        export's ``aft_training.json``. A checkpoint's pickled ``training_args.bin`` is never read: unpickling it
+        would need ``weights_only=False``, i.e. running whatever code the file holds.
         """
         folder = Path(folder)
         for name in (RECORD_NAME, LEGACY_RECORD_NAME):
             if (folder / name).is_file():
                 return cls.from_dict(json.loads((folder / name).read_text(encoding="utf-8")))
-        if not (folder / "training_args.bin").is_file():
-            return None
-        # The run's own pickled AFTConfig, which Trainer also unpickles to resume: a file this user wrote.
-        args = torch.load(folder / "training_args.bin", weights_only=False)
-        if not isinstance(args, AFTConfig):
-            return None
-        state_path = folder / "trainer_state.json"
-        steps = json.loads(state_path.read_text()).get("global_step") if state_path.is_file() else None
-        # The software versions installed now need not be those the run used.
-        return dataclasses.replace(cls.from_config(args, global_steps=steps), versions=None)
+        return None
