@@ -41,6 +41,9 @@ class MapMethod:
         description: one line, with the paper it follows.
         fn: the map for one target text embedding per image, ``(B, H, W)``, non-negative, any scale.
         dense_fn: one map per class ``(B, C, H, W)`` for open-vocabulary segmentation, when the method has one.
+        default: whether ``--methods all`` includes the method (the gradient and attention maps do; the
+            training-free maps are opt-in: ``--methods all training-free``); every consumer that lists
+            :data:`MAP_METHODS` directly (the app) shows it either way.
     """
 
     name: str
@@ -50,6 +53,7 @@ class MapMethod:
     description: str
     fn: MapFn
     dense_fn: DenseMapFn | None = None
+    default: bool = True
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import math
 import os
 from typing import Any
 
-from .registry import METRICS, TASK_SALIENCY, TASK_SEGMENTATION, TASK_ZERO_SHOT
+from .registry import MAP_METHODS, METRICS, TASK_SALIENCY, TASK_SEGMENTATION, TASK_ZERO_SHOT
 
 SCHEMA = "hf_clip_aft.eval/v1"
 TASKS = (TASK_ZERO_SHOT, TASK_SALIENCY, TASK_SEGMENTATION)
@@ -39,6 +39,11 @@ TASKS = (TASK_ZERO_SHOT, TASK_SALIENCY, TASK_SEGMENTATION)
 
 # Result settings that distinguish rows of the summary table (one row per value).
 ROW_SETTINGS = ("eps", "fraction")
+
+# The summary's family table: the families compared, each shown by these methods when run (else by its first method
+# run), and the metric compared: the first of FAMILY_TABLE_METRICS the run has for both families.
+FAMILY_COLUMNS = {"gradient": ("simple_gradient",), "training-free": ("clip_surgery", "naclip")}
+FAMILY_TABLE_METRICS = ("energy_pointing_game", "pointing_game", "top_k_iou", "insertion_auc", "deletion_auc", "gini")
 
 
 def _require(condition: bool, where: str, message: str) -> None:
@@ -144,8 +149,49 @@ def _row_key(entry: dict[str, Any]) -> tuple:
     return entry["metric"], entry["method"], extras
 
 
+def _family_table(results: dict[str, Any]) -> list[str]:
+    """The {models} x {gradient maps, training-free maps} section of the summary: rows = models, columns = each
+    family's methods of :data:`FAMILY_COLUMNS`, value = the first metric of :data:`FAMILY_TABLE_METRICS` that the
+    run has for both families. Empty (no section) unless both families were run."""
+    values: dict[tuple[str, str], dict[str, float]] = {}
+    for entry in results["results"]:
+        if entry["task"] == TASK_SALIENCY and entry["method"] in MAP_METHODS:
+            values.setdefault((entry["metric"], entry["method"]), {}).setdefault(entry["model"], entry["value"])
+    for metric in FAMILY_TABLE_METRICS:
+        run = [method for method in MAP_METHODS if (metric, method) in values]
+        columns = []
+        for family, preferred in FAMILY_COLUMNS.items():
+            members = [method for method in run if MAP_METHODS[method].family == family]
+            columns.append([method for method in preferred if method in members] or members[:1])
+        if all(columns):
+            break
+    else:
+        return []
+    methods = [method for family_columns in columns for method in family_columns]
+    models = results["models"]
+    arrow = "↑" if METRICS[metric].higher_is_better else "↓"
+    lines = [
+        "",
+        f"## Gradient vs training-free maps: {metric} {arrow}",
+        "",
+        "| model | " + " | ".join(f"{method} ({MAP_METHODS[method].family})" for method in methods) + " |",
+        "|" + "---|" * (1 + len(methods)),
+    ]
+    rows = [(f"`{_model_label(model)}`", [values[metric, method].get(model) for method in methods]) for model in models]
+    if len(models) > 1:
+        first, last = rows[0][1], rows[-1][1]
+        delta = [None if a is None or b is None else b - a for a, b in zip(first, last, strict=True)]
+        rows.append((f"Δ (`{_model_label(models[-1])}` − `{_model_label(models[0])}`)", delta))
+    for label, cells in rows:
+        sign = "+" if label.startswith("Δ") else ""
+        lines.append(f"| {label} | " + " | ".join("–" if v is None else f"{v:{sign}.4f}" for v in cells) + " |")
+    return lines
+
+
 def summary_markdown(results: dict[str, Any]) -> str:
-    """A markdown report: one row per metric (and method), one column per model, plus last − first when 2+ models."""
+    """A markdown report: one row per metric (and method), one column per model, plus last − first when 2+ models;
+    when both gradient and training-free maps were run, a second table of one metric per model and map family
+    (:func:`_family_table`)."""
     validate_results(results)
     models = results["models"]
     dataset = results["dataset"]
@@ -175,6 +221,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
             first, last = values.get(models[0]), values.get(models[-1])
             cells.append("–" if first is None or last is None else f"{last - first:+.4f}")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _family_table(results)
     notes = results["settings"].get("notes", [])
     if notes:
         lines += ["", "Notes:", *(f"- {note}" for note in notes)]

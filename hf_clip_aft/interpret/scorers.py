@@ -9,6 +9,7 @@ the order the groups run and are listed. How each group calls its metrics' ``com
 - ``localization``: ``compute(maps, masks, **settings)`` on the images whose object mask is not empty.
 - ``faithfulness``: ``compute(score_fn, pixels, maps, steps)``.
 - ``roar``: a linear probe on the features of every image (whole-dataset results).
+- ``segmentation``: ``compute(confusion)`` on the confusion counts of the whole dataset (whole-dataset results).
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ from .faithfulness import INSERTION_BLUR_SIGMA, curve_auc, faithfulness_curve
 from .metrics import energy_pointing_game, gini_index, pointing_game, top_fraction_iou
 from .registry import (
     TASK_SALIENCY,
+    TASK_SEGMENTATION,
     TASK_ZERO_SHOT,
     BatchContext,
     Metric,
     RunContext,
     Score,
     Scorer,
+    get_map_method,
     register_metric,
     register_scorer,
     result_entry,
@@ -39,6 +42,7 @@ from .registry import (
 from .roar import remove_top_pixels, roar_accuracy, split_indices
 from .robustness import robust_predictions
 from .saliency import class_similarity
+from .segmentation import background_predictions, class_masks_to_tensor, confusion_matrix, mean_iou
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +118,15 @@ for _metric in (
         settings=_faithfulness_settings(f"blur(sigma={INSERTION_BLUR_SIGMA}px)"),
     ),
     Metric("roar_accuracy", "roar", TASK_SALIENCY, False, "linear-probe accuracy after removing the top-k% pixels"),
+    Metric(
+        "miou",
+        "segmentation",
+        TASK_SEGMENTATION,
+        True,
+        "mean IoU of the arg-max class maps against the class masks (classes seen in either), in [0, 1]",
+        mean_iou,
+        settings=lambda run: {"background_threshold": run.args.segmentation_background_threshold},
+    ),
 ):
     register_metric(_metric)
 
@@ -254,3 +267,63 @@ class RobustnessScorer(Scorer):
             attack = {"eps": eps, "steps": args.attack_steps, "step_size": args.attack_step_size, "norm": "linf"}
             scores.append(Score("robust_accuracy", adversarial == batch.labels, attack))
         return scores
+
+
+@register_scorer
+class SegmentationScorer(Scorer):
+    """Open-vocabulary segmentation (``--metrics segmentation``, opt-in): for every model and every map method with
+    per-class dense maps, the confusion counts of :func:`background_predictions` of ``batch.dense_maps()`` (one map
+    per dataset class) against the class masks (:func:`class_masks_to_tensor`), summed over the dataset; after the
+    last batch, ``miou`` = :func:`mean_iou` of the sums. Methods without dense maps, and datasets without a mask
+    column, are skipped with a note. The background rule is the run's ``segmentation_background_threshold``.
+    """
+
+    group = "segmentation"
+    default = False
+
+    def __init__(self, run: RunContext) -> None:
+        super().__init__(run)
+        self.threshold = run.args.segmentation_background_threshold
+        self.confusion: dict[tuple[str, str], torch.Tensor] = {}
+        self.num_images: dict[tuple[str, str], int] = {}
+        if run.mask_column is None:
+            self.notes.append(
+                "segmentation skipped: the dataset has no class-mask column (pass --mask_column naming one whose "
+                "pixels are class indices)."
+            )
+        without = [method for method in run.methods if get_map_method(method).dense_fn is None]
+        if without and run.mask_column is not None:
+            self.notes.append(
+                f"segmentation skipped for {', '.join(without)}: no per-class dense maps (methods with them: "
+                f"{', '.join(name for name in run.methods if name not in without) or 'none requested'})."
+            )
+
+    def update(self, batch: BatchContext) -> list[Score]:
+        if batch.mask_images is None or get_map_method(batch.method).dense_fn is None:
+            return []
+        targets = batch.cached(
+            "class_masks",
+            lambda: class_masks_to_tensor(batch.mask_images, batch.image_processor).to(batch.pixels.device),
+        )
+        predictions = background_predictions(batch.dense_maps(), self.threshold)
+        counts = confusion_matrix(predictions, targets, len(self.run.class_names)).cpu()
+        key = batch.model_name, batch.method
+        self.confusion[key] = self.confusion[key] + counts if key in self.confusion else counts
+        self.num_images[key] = self.num_images.get(key, 0) + len(targets)
+        return []
+
+    def results(self) -> list[dict[str, Any]]:
+        (miou,) = self.metrics()
+        settings = miou.settings_for(self.run)
+        out = []
+        for (model, method), confusion in self.confusion.items():
+            if confusion.sum() == 0:  # every pixel unannotated: no class to average over
+                self.notes.append(f"segmentation: no annotated pixel for {model} / {method}; miou not reported.")
+                continue
+            value = miou.compute(confusion).item()
+            out.append(
+                result_entry(
+                    model, miou.name, method, value, {**settings, "num_images": self.num_images[(model, method)]}
+                )
+            )
+        return out

@@ -4,17 +4,28 @@ The protocol of training-free segmentation papers (CLIP Surgery, SCLIP, NACLIP),
 ``(B, C, H, W)`` (e.g. :func:`hf_clip_aft.interpret.surgery.dense_maps`) -> the arg-max class of every pixel, with
 an optional background rule (:func:`segmentation_predictions`) -> a confusion matrix against the ground-truth class
 masks, summed over the data set (:func:`confusion_matrix`) -> the mean intersection over union (:func:`mean_iou`).
+The evaluation's ``segmentation`` metric group (``--metrics segmentation``, metric ``miou``) is
+:class:`hf_clip_aft.interpret.scorers.SegmentationScorer`.
 
-The papers evaluate with mmseg's sliding window (224-pixel crops, stride 112) on the short side resized to 336 or
-448 pixels, with PAMR refinement in NACLIP; a single forward pass at the model's resolution gives other numbers, so
-compare mIoU only between runs of the same protocol.
+Protocol of the evaluation: one centre-crop window per image at the model's resolution (the processor's resize of
+the short side and centre crop, masks resized with nearest neighbour), no sliding window, no PAMR. The papers use
+mmseg's sliding window (224-pixel crops, stride 112) on the short side resized to 336 or 448 pixels, with PAMR
+refinement in NACLIP, over the whole image; the numbers differ, so compare mIoU only between runs of the same
+protocol.
+
+Class masks: single-channel images whose pixel values are the dataset's class indices (``class_names[i]`` is value
+i; Pascal VOC's palette PNGs are read as their indices) and :data:`IGNORE_INDEX` for unannotated pixels. The
+``localization`` group reads the same column as object masks (non-zero = object), so a dataset whose class 0 is the
+background (Pascal VOC's convention) serves both groups.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
 
-from .registry import TASK_SEGMENTATION, Metric, register_metric
+import numpy as np
+import torch
+from PIL import Image
 
 IGNORE_INDEX = 255  # the label of unannotated pixels (object borders in Pascal VOC), left out of every count
 
@@ -87,13 +98,42 @@ def mean_iou(confusion: torch.Tensor) -> torch.Tensor:
     return class_iou(confusion).nanmean()
 
 
-register_metric(
-    Metric(
-        name="miou",
-        group="segmentation",
-        task=TASK_SEGMENTATION,
-        higher_is_better=True,
-        description="mean IoU of the arg-max class maps against the class masks (classes seen in either), in [0, 1]",
-        compute=mean_iou,
+def background_predictions(maps: torch.Tensor, background_threshold: float | None = None) -> torch.Tensor:
+    """The evaluation's background rule: predicted labels ``(B, H, W)`` of class maps ``(B, C, H, W)``.
+
+    Without a threshold: the plain arg-max over every class (a background class, if the dataset has one, competes
+    through its own prompt). With `background_threshold`: class 0 is the background; it is not a prompt but the
+    answer for every pixel whose highest score among classes 1..C-1 is below the threshold.
+    """
+    if background_threshold is None:
+        return segmentation_predictions(maps)
+    if maps.dim() != 4 or maps.shape[1] < 2:
+        raise ValueError(
+            f"A background threshold needs class maps (B, C, H, W) with C >= 2 (class 0 the background); got "
+            f"{tuple(maps.shape)}."
+        )
+    # Arg-max over classes 1.. (channel j is label j + 1); below the threshold the label -1 + 1 = 0, the background.
+    return segmentation_predictions(maps[:, 1:], background_threshold, background_class=-1) + 1
+
+
+def class_masks_to_tensor(masks: Sequence[Image.Image], image_processor) -> torch.Tensor:
+    """Class-index masks ``(B, H, W)`` (int64) resized and centre-cropped like the images, with nearest-neighbour
+    resampling so that no label is blended into another; the :data:`IGNORE_INDEX` pixels stay ignored.
+
+    Each mask is a single-channel image whose values are class indices (mode ``L``, ``P`` read as palette indices,
+    ``I``), all in [0, 255].
+    """
+    labels = []
+    for i, mask in enumerate(masks):
+        array = np.asarray(mask)
+        if array.ndim != 2 or array.min() < 0 or array.max() > 255:
+            raise ValueError(
+                f"Mask {i} (mode {mask.mode}, shape {array.shape}, values {array.min()}..{array.max()}) is not a class "
+                f"mask: segmentation needs single-channel masks of class indices in [0, 255] ({IGNORE_INDEX}: "
+                "unannotated); convert colour-coded masks to indices first."
+            )
+        labels.append(Image.fromarray(array.astype(np.uint8)).convert("RGB"))
+    out = image_processor(
+        images=labels, do_normalize=False, do_rescale=False, resample=Image.Resampling.NEAREST, return_tensors="pt"
     )
-)
+    return out["pixel_values"][:, 0].round().long()

@@ -22,7 +22,11 @@ from transformers import CLIPModel, CLIPProcessor
 
 from ..data import images_to_pixels, load_processor
 from ..modeling import EmbedFn, embed_fn
-from . import scorers as _scorers  # noqa: F401  (registers the built-in metrics and their groups' scorers)
+
+# Imported for their registrations (the metrics and their groups' scorers; the training-free map methods), so that
+# the arguments' help and choices list them whichever module was imported first.
+from . import scorers as _scorers  # noqa: F401
+from . import surgery as _surgery  # noqa: F401
 from .batches import Batch, EvaluationData, iterate_batches, load_evaluation_data
 from .figures import saliency_grid
 from .registry import MAP_METHODS, SCORERS, BatchContext, RunContext, Score, Scorer, metric_groups, result_entry
@@ -50,7 +54,26 @@ def _metrics_help() -> str:
     opt_in = [group for group, scorer in SCORERS.items() if not scorer.default]
     return (
         f"Metric groups (the results they give): {listed}. 'all' = {', '.join(defaults)}; "
-        f"{' and '.join(opt_in)} are heavier and opt-in ('all {opt_in[0]}' adds {opt_in[0]})."
+        f"{', '.join(opt_in)} are heavier or need class masks, and opt-in ('all {opt_in[0]}' adds {opt_in[0]})."
+    )
+
+
+def method_selectors() -> dict[str, list[str]]:
+    """The ``--methods`` words that stand for several map methods, in registration order: ``all`` (every method
+    whose ``default`` is set: the gradient and attention maps) and each family name that is not also a method's
+    name (``gradient``, ``training-free``; not ``attention``, which names the CLS-attention method)."""
+    selectors = {"all": [name for name, method in MAP_METHODS.items() if method.default]}
+    for method in MAP_METHODS.values():
+        if method.family not in MAP_METHODS:
+            selectors.setdefault(method.family, []).append(method.name)
+    return selectors
+
+
+def _methods_help() -> str:
+    words = "; ".join(f"'{word}' = {', '.join(names)}" for word, names in method_selectors().items())
+    return (
+        f"Map methods: {', '.join(MAP_METHODS)}, or these selectors (combinable): {words}. E.g. 'all training-free' "
+        "= every method; 'simple_gradient clip_surgery' gives the {gradient, training-free} x models table."
     )
 
 
@@ -72,7 +95,7 @@ class EvaluationArguments:
     )
     methods: list[str] = field(
         default_factory=lambda: ["all"],
-        metadata={"help": f"Map methods: {', '.join(MAP_METHODS)}; 'all' = every registered one."},
+        metadata={"help": _methods_help()},
     )
     limit: int | None = field(default=None, metadata={"help": "Evaluate a seeded random subset of this many images."})
     batch_size: int = field(default=16, metadata={"help": "Images per batch."})
@@ -102,6 +125,14 @@ class EvaluationArguments:
     rollout_residual: float = field(default=0.5, metadata={"help": "Identity weight in attention rollout."})
     faithfulness_steps: int = field(default=20, metadata={"help": "Deletion/insertion steps."})
     iou_fraction: float = field(default=0.2, metadata={"help": "Share of top pixels compared with the mask (IoU)."})
+    segmentation_background_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "segmentation: pixels whose highest class map (in [0, 1], each class min-max scaled per image) is "
+            "below this are predicted as class 0, the background, whose own prompt is then unused; default: plain "
+            "arg-max over every class, the background (if a class) through its prompt."
+        },
+    )
     roar_fractions: list[float] = field(
         default_factory=lambda: list(ROAR_FRACTIONS), metadata={"help": "ROAR shares of pixels removed."}
     )
@@ -124,13 +155,18 @@ class EvaluationArguments:
         return [group for group in SCORERS if group in requested]
 
     def saliency_methods(self) -> list[str]:
-        """The map methods requested, 'all' expanded; none when no requested metric group uses maps."""
+        """The map methods requested, selectors expanded (:func:`method_selectors`), in the order given, each once;
+        none when no requested metric group uses maps."""
         if not any(SCORERS[group].uses_maps for group in self.metric_groups()):
             return []
-        methods = list(MAP_METHODS) if "all" in self.methods else list(dict.fromkeys(self.methods))
+        selectors = method_selectors()
+        methods = list(dict.fromkeys(name for word in self.methods for name in selectors.get(word, [word])))
         unknown = set(methods) - set(MAP_METHODS)
         if unknown:
-            raise ValueError(f"Unknown saliency methods {sorted(unknown)}; choose from {tuple(MAP_METHODS)} or 'all'.")
+            raise ValueError(
+                f"Unknown saliency methods {sorted(unknown)}; choose from {tuple(MAP_METHODS)} or the selectors "
+                f"{tuple(selectors)}."
+            )
         return methods
 
     def method_options(self) -> dict[str, Any]:

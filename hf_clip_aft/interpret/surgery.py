@@ -422,5 +422,6 @@ for _name, (_label, _description) in _DESCRIPTIONS.items():
             description=_description,
             fn=partial(target_maps, method=_name),
             dense_fn=partial(dense_maps, method=_name),
+            default=False,  # opt-in: `--methods all` keeps the gradient and attention maps (`all training-free`)
         )
     )
