@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import CLIPImageProcessor, TrainerCallback
 
 from hf_clip_aft import AFTConfig, AFTTrainer
@@ -137,6 +138,11 @@ def test_best_checkpoint_follows_the_map_metric(tmp_path, tiny_clip_path, scenes
     best_step = min(values, key=values.get)
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
     assert trainer.state.best_metric == pytest.approx(values[best_step])
+    # load_best_model_at_end: the model the run ends with (and exports) is the best checkpoint's.
+    best = load_file(f"{trainer.state.best_model_checkpoint}/model.safetensors")
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in best.items())
+    assert callback.summary()["exported_step"] == best_step
 
 
 class CorruptModel(TrainerCallback):
@@ -170,3 +176,35 @@ def test_guard_stays_quiet_on_the_clean_control(tmp_path, tiny_clip_path, scenes
     assert callback.warnings == [] and trainer.state.global_step == 4
     final = callback.history[-1][1]
     assert final["embedding_drift"] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_train_command_monitors_and_cards_the_training_time_evaluation(tmp_path):
+    from hf_clip_aft.cli import run_command
+    from hf_clip_aft.release.record import TrainingRecord
+
+    out = tmp_path / "out"
+    flags = {
+        "--output_dir": str(out),
+        "--max_steps": "2",
+        "--attack_steps": "2",
+        "--eval_strategy": "steps",
+        "--eval_steps": "2",
+        "--monitor_maps": "true",
+        "--monitor_split": "train",  # the photos have one split; a real run holds out a validation split
+        "--monitor_max_images": "4",
+    }
+    run_command("train", ["recipes/configs/demo.yaml", *(x for pair in flags.items() for x in pair)])
+    record = TrainingRecord.load(out)
+    summary = record.training_evaluation
+    assert summary["metric"] == "deletion_auc" and summary["num_images"] == 4 and summary["final_step"] == 2
+    assert {"accuracy", "majority_share", "gini", "insertion_auc"} <= set(summary["base"])  # the photos are labelled
+    card = (out / "README.md").read_text()
+    assert "### Interpretability during training" in card
+    assert f"| deletion_auc | {summary['base']['deletion_auc']:.4f} |" in card
+
+
+def test_train_command_refuses_monitoring_without_evaluations(tmp_path):
+    from hf_clip_aft.cli import run_command
+
+    with pytest.raises(ValueError, match="eval_strategy='no'"):
+        run_command("train", ["recipes/configs/demo.yaml", "--output_dir", str(tmp_path), "--monitor_maps", "true"])

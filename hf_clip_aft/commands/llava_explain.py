@@ -38,7 +38,7 @@ from hf_clip_aft.data import (
     open_image,
     prepare_dataset,
 )
-from hf_clip_aft.interpret.batches import _mask_column, masks_to_tensor
+from hf_clip_aft.interpret.batches import find_mask_column, masks_to_tensor
 from hf_clip_aft.interpret.figures import saliency_grid
 from hf_clip_aft.interpret.llava_relevance import (
     MAX_NEW_TOKENS_LIMIT,
@@ -143,7 +143,7 @@ def _rows(args: LlavaExplainArguments):
     """``(name, image, mask or None)`` for each image, in dataset order."""
     dataset = load_image_dataset(args.images, args.dataset_config, split=args.split)
     image_column = find_image_column(dataset.features, args.image_column)
-    mask_column = _mask_column(dataset.features, image_column, args.mask_column)
+    mask_column = find_mask_column(dataset.features, image_column, args.mask_column)
     if args.limit is not None:
         if args.limit < 1:
             raise ValueError(f"limit={args.limit} must be a positive number of images (or omitted for all).")

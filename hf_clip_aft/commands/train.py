@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import datasets
+import torch
+
 from hf_clip_aft import AFTConfig, AFTTrainer
-from hf_clip_aft.data import load_image_dataset
+from hf_clip_aft.data import find_image_column, load_image_dataset
 
 
 @dataclass
@@ -68,11 +71,116 @@ class ModelArguments:
         )
 
 
-ARGUMENTS = (ScriptArguments, ModelArguments, AFTConfig)
+@dataclass
+class MonitorArguments:
+    """Interpretability measured during training (hf_clip_aft.interpret.monitor): needs eval_strategy and eval_steps."""
+
+    monitor_maps: bool = field(
+        default=False,
+        metadata={"help": "Measure map metrics, zero-shot accuracy and collapse signs at step 0 and every evaluation."},
+    )
+    monitor_dataset: str | None = field(
+        default=None, metadata={"help": "Held-out dataset (Hub id or imagefolder); default: dataset_name."}
+    )
+    monitor_split: str = field(default="validation", metadata={"help": "Split of the held-out dataset."})
+    monitor_mask_column: str | None = field(
+        default=None,
+        metadata={"help": "Object-mask column (localisation metrics); default: an Image column named mask/segmentation."},
+    )
+    monitor_method: str = field(default="simple_gradient", metadata={"help": "Map method (a registered name)."})
+    monitor_max_images: int = field(default=64, metadata={"help": "Held-out images measured (the first ones)."})
+    monitor_guard_metric: str | None = field(
+        default=None,
+        metadata={"help": "Metric the guard watches; default energy_pointing_game with masks, else deletion_auc."},
+    )
+    monitor_guard_tolerance: float = field(
+        default=0.02, metadata={"help": "Allowed loss of the guard metric against the base, in its own units."}
+    )
+    monitor_guard_patience: int = field(default=2, metadata={"help": "Bad evaluations in a row before it warns."})
+    monitor_collapse_ratio: float = field(
+        default=0.25, metadata={"help": "Warn when the embedding spread falls below this share of the base's."}
+    )
+    stop_if_maps_worse: bool = field(
+        default=False, metadata={"help": "Stop training when the guard or the collapse check fires."}
+    )
+
+    def settings(self, batch_size: int):
+        """The monitor's :class:`~hf_clip_aft.interpret.monitor.MonitorSettings` (validated there)."""
+        from hf_clip_aft.interpret.monitor import MonitorSettings
+
+        return MonitorSettings(
+            method=self.monitor_method,
+            max_images=self.monitor_max_images,
+            batch_size=batch_size,
+            guard_metric=self.monitor_guard_metric,
+            guard_tolerance=self.monitor_guard_tolerance,
+            guard_patience=self.monitor_guard_patience,
+            collapse_ratio=self.monitor_collapse_ratio,
+            stop_if_maps_worse=self.stop_if_maps_worse,
+        )
 
 
-def main(script_args: ScriptArguments, model_args: ModelArguments, training_args: AFTConfig) -> None:
+def attach_monitor(
+    trainer: AFTTrainer, script_args: ScriptArguments, monitor_args: MonitorArguments, held_out
+) -> None:
+    """Add a map monitor on `held_out` to `trainer` (zero-shot accuracy too when it has class labels and the
+    checkpoint a text tower)."""
+    from transformers import CLIPModel
+
+    from hf_clip_aft.data import class_names, load_processor
+    from hf_clip_aft.interpret.batches import find_mask_column
+    from hf_clip_aft.interpret.monitor import MapMonitor, MapMonitorCallback
+    from hf_clip_aft.modeling import class_text_embeddings
+
+    image_column = find_image_column(held_out.features, script_args.image_column)
+    mask_column = find_mask_column(held_out.features, image_column, monitor_args.monitor_mask_column)
+    label_column, class_embeds = None, None
+    if isinstance(held_out.features.get(script_args.label_column), datasets.ClassLabel):
+        processor = load_processor(script_args.model_name_or_path)
+        if getattr(processor, "tokenizer", None) is not None:
+            clip = CLIPModel.from_pretrained(script_args.model_name_or_path).to(trainer.args.device).eval()
+            names = class_names(held_out.features, script_args.label_column)
+            class_embeds = class_text_embeddings(clip, processor.tokenizer, names).cpu()
+            label_column = script_args.label_column
+            del clip
+    settings = monitor_args.settings(trainer.args.per_device_eval_batch_size)
+    monitor = MapMonitor.from_dataset(
+        trainer.model,
+        held_out,
+        trainer.image_processor,
+        image_column=image_column,
+        mask_column=mask_column,
+        label_column=label_column,
+        class_embeds=class_embeds,
+        settings=settings,
+    )
+    trainer.add_callback(MapMonitorCallback(trainer, monitor))
+
+
+ARGUMENTS = (ScriptArguments, ModelArguments, AFTConfig, MonitorArguments)
+
+
+def main(
+    script_args: ScriptArguments,
+    model_args: ModelArguments,
+    training_args: AFTConfig,
+    monitor_args: MonitorArguments | None = None,
+) -> None:
     """Fine-tune, save the drop-in `CLIPModel` to ``training_args.output_dir`` and say how to load it."""
+    monitor_args = monitor_args or MonitorArguments()
+    held_out = None
+    if monitor_args.monitor_maps:
+        if training_args.eval_strategy == "no":
+            raise ValueError(
+                "monitor_maps=True measures the maps at every evaluation, but eval_strategy='no'; "
+                "set eval_strategy: steps and eval_steps: N (e.g. 500)."
+            )
+        held_out = load_image_dataset(
+            monitor_args.monitor_dataset or script_args.dataset_name,
+            script_args.dataset_config,
+            monitor_args.monitor_split,
+        )
+        held_out = held_out.select(range(min(len(held_out), monitor_args.monitor_max_images)))
     dataset = load_image_dataset(
         script_args.dataset_name, script_args.dataset_config, script_args.dataset_split, script_args.streaming
     )
@@ -84,10 +192,18 @@ def main(script_args: ScriptArguments, model_args: ModelArguments, training_args
         image_column=script_args.image_column,
         label_column=script_args.label_column,
         dataset_name=script_args.dataset_name,
+        eval_dataset=held_out,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if held_out is not None:
+        attach_monitor(trainer, script_args, monitor_args, held_out)
+    trainer.train(resume_from_checkpoint=training_args.resume_target())
     trainer.save_model()
     if trainer.is_world_process_zero():
         out = training_args.output_dir
         print(f"\nSaved the fine-tuned CLIP to {out}. Load it with plain transformers:")
         print(f'    from transformers import CLIPModel\n    model = CLIPModel.from_pretrained("{out}")')
+    # Every rank waits for the others, then leaves the process group: a rank that exits while another still talks
+    # to it can abort at exit ("terminate called without an active exception", seen with two-process FSDP).
+    trainer.accelerator.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

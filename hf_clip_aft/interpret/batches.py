@@ -38,7 +38,9 @@ class Batch:
     masks: list[Image.Image] | None
 
 
-def _mask_column(features: datasets.Features, image_column: str, mask_column: str | None) -> str | None:
+def find_mask_column(features: datasets.Features, image_column: str, mask_column: str | None) -> str | None:
+    """The object-mask column: `mask_column` if given (checked), else the first Image column named one of
+    :data:`MASK_COLUMN_NAMES`, else None."""
     if mask_column is not None:
         if mask_column not in features:
             raise ValueError(f"mask_column={mask_column!r} is not a column of the dataset; columns: {list(features)}")
@@ -76,7 +78,7 @@ def load_evaluation_data(
     features = dataset.features
     image_column = find_image_column(features, image_column)
     names = class_names(features, label_column)
-    mask_column = _mask_column(features, image_column, mask_column)
+    mask_column = find_mask_column(features, image_column, mask_column)
     if limit is not None:
         if limit < 1:
             raise ValueError(f"limit={limit} must be a positive number of images (or omitted for all).")

@@ -312,6 +312,7 @@ class MapMonitorCallback(TrainerCallback):
         self.base = monitor.measure(trainer.model)
         self.history: list[tuple[int, dict[str, float]]] = [(0, self.base)]
         self.warnings: list[str] = []
+        self.exported_step: int | None = None
         guard_metric = monitor.settings.guard_metric or monitor.primary_metric
         available = (*monitor.metric_names, *MONITOR_ONLY, *(() if monitor.class_embeds is None else ("accuracy",)))
         if guard_metric not in available:
@@ -341,6 +342,7 @@ class MapMonitorCallback(TrainerCallback):
         logs = self._log(values)
         if metrics is not None:
             metrics.update(logs)
+        self.trainer.training_evaluation = self.summary()
         problems = self._problems(values)
         if problems and state.is_world_process_zero:
             for problem in problems:
@@ -371,6 +373,13 @@ class MapMonitorCallback(TrainerCallback):
             )
         return problems
 
+    def on_train_end(self, args, state, control, **kwargs):
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            self.exported_step = int(state.best_model_checkpoint.rstrip("/").rsplit("-", 1)[-1])
+        else:
+            self.exported_step = state.global_step
+        self.trainer.training_evaluation = self.summary()
+
     def best(self, metric: str) -> tuple[int, dict[str, float]]:
         """The (step, values) of the evaluation with the best `metric` after step 0 (the base excluded)."""
         evaluated = self.history[1:] if len(self.history) > 1 else self.history
@@ -378,13 +387,14 @@ class MapMonitorCallback(TrainerCallback):
         return max(evaluated, key=lambda item: sign * item[1][metric])
 
     def summary(self) -> dict[str, object]:
-        """Base, final and best values for the model card: ``{"base", "final", "best_step", "best", "metric"}``."""
-        if not self.history:
-            return {}
+        """Base, final and best values for the training record and the model card (JSON-able)."""
         metric = self.guard.metric
         step, best = self.best(metric)
         return {
             "metric": metric,
+            "method": self.monitor.settings.method,
+            "num_images": len(self.monitor.pixels),
+            "exported_step": self.exported_step,
             "base": self.history[0][1],
             "final_step": self.history[-1][0],
             "final": self.history[-1][1],
