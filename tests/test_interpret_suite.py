@@ -99,11 +99,11 @@ def test_recipe_writes_results_summary_and_grid(tmp_path, second_model):
     summary = (output / "summary.md").read_text()
     assert "| gini ↑ | simple_gradient |" in summary and "Δ" in summary
     grid = Image.open(output / "saliency_grid.png")
-    # image + every registered method ('all') x 2 models; the six built-in methods among them
-    assert {"simple_gradient", "smoothgrad", "integrated_gradients", "gradcam", "attention", "rollout"} <= set(
-        results["settings"]["methods"]
-    )
-    assert grid.width == 96 * (1 + len(results["settings"]["methods"]) * 2)
+    # image + the six gradient and attention methods ('all'; the training-free maps are opt-in) x 2 models
+    six = ["simple_gradient", "smoothgrad", "integrated_gradients", "gradcam", "attention", "rollout"]
+    assert results["settings"]["methods"] == six
+    assert grid.width == 96 * (1 + 6 * 2)
+    assert "Gradient vs training-free" not in summary  # the family table needs both families
     assert grid.height > 2 * 96
 
 

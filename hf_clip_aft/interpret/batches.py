@@ -7,12 +7,14 @@ Images stay PIL images here because each model converts them with its own proces
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import datasets
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..data import class_names, find_image_column, images_to_pixels, load_image_dataset, open_image, prepare_dataset
 
@@ -89,14 +91,25 @@ def load_evaluation_data(
     return EvaluationData(dataset, image_column, label_column, mask_column, names)
 
 
+def open_mask(value: Any) -> Image.Image:
+    """A mask from what a mask column holds (PIL image, ``{"bytes", "path"}`` dict or path), upright, in its own
+    mode: palette indices (Pascal VOC's class masks), 16-bit values and grey levels are kept as they are."""
+    if isinstance(value, dict):
+        value = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value.get("path")
+    image = value if isinstance(value, Image.Image) else Image.open(value)
+    image.load()  # decode now, so that a truncated file fails here and not later
+    return ImageOps.exif_transpose(image)
+
+
 def iterate_batches(data: EvaluationData, batch_size: int) -> Iterator[Batch]:
-    """Batches of decoded RGB images, integer labels and (if the dataset has them) mask images, in dataset order."""
+    """Batches of decoded RGB images, integer labels and (if the dataset has them) mask images in their own mode
+    (:func:`open_mask`), in dataset order."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1.")
     for start in range(0, len(data.dataset), batch_size):
         rows = data.dataset[start : start + batch_size]
         images = [open_image(value) for value in rows[data.image_column]]
-        masks = None if data.mask_column is None else [open_image(value) for value in rows[data.mask_column]]
+        masks = None if data.mask_column is None else [open_mask(value) for value in rows[data.mask_column]]
         yield Batch(images, torch.tensor(rows[data.label_column]), masks)
 
 

@@ -121,11 +121,13 @@ def class_masks_to_tensor(masks: Sequence[Image.Image], image_processor) -> torc
     resampling so that no label is blended into another; the :data:`IGNORE_INDEX` pixels stay ignored.
 
     Each mask is a single-channel image whose values are class indices (mode ``L``, ``P`` read as palette indices,
-    ``I``), all in [0, 255].
+    ``I``; or grey RGB, all channels equal), all in [0, 255].
     """
     labels = []
     for i, mask in enumerate(masks):
         array = np.asarray(mask)
+        if array.ndim == 3 and (array == array[..., :1]).all():
+            array = array[..., 0]  # a grey-level mask stored as RGB
         if array.ndim != 2 or array.min() < 0 or array.max() > 255:
             raise ValueError(
                 f"Mask {i} (mode {mask.mode}, shape {array.shape}, values {array.min()}..{array.max()}) is not a class "
