@@ -391,7 +391,7 @@ def check_field_types(config: Any) -> None:
         # HfArgumentParser leaves None in list-typed fields it was not given (e.g. TrainingArguments.debug).
         parser_default = value is None and "list" in str(hint)
         if f.init and not parser_default and not _fits(value, hint):
-            problems.append(f"{f.name}={value!r} is a {type(value).__name__}; expected {_describe(hint)}")
+            problems.append(f"{f.name}={value!r} has type {type(value).__name__}; expected {_describe(hint)}")
     if problems:
         raise TypeError(
             "Invalid setting types (in the config file or on the command line): " + "; ".join(problems) + "."
