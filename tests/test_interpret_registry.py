@@ -55,7 +55,7 @@ def _class_halves(model, pixels, class_embeds, *, image_processor, **options):
 
 def test_a_registered_map_method_reaches_the_arguments_the_summary_and_the_grid(clean_registries, tmp_path):
     register_map_method(MapMethod("left_half", "Left half", "training-free", "none", "test map", _left_half))
-    assert "left_half" in EvaluationArguments(**RUN).saliency_methods()  # 'all' is every registered method
+    assert "left_half" in EvaluationArguments(**RUN).saliency_methods()  # 'all': every method with default=True
     args = EvaluationArguments(**RUN, metrics=["sparsity"], methods=["left_half", "gradcam"], output=str(tmp_path))
     args.check()
     results, figure = run_evaluation(args)
