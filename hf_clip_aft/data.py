@@ -10,12 +10,14 @@ import io
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
-from PIL import Image
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+from PIL import Image, ImageOps
 from transformers import AutoImageProcessor, AutoProcessor, BaseImageProcessor, CLIPImageProcessorPil, ProcessorMixin
 
 logger = logging.getLogger(__name__)
@@ -63,9 +65,37 @@ def load_image_dataset(
     A local directory is read with the ``imagefolder`` builder: one sub-folder per class, the folder name being the
     class name (``label`` column). `streaming` avoids downloading a large Hub dataset before training starts.
     """
+    if os.path.isfile(name_or_path):
+        raise ValueError(
+            f"dataset_name={name_or_path!r} is a file; it must be a Hub dataset id or a folder of images (one "
+            "sub-folder per class). A CSV/JSON list of image paths is read in Python: load_dataset('csv', "
+            "data_files=...), .cast_column('<path column>', datasets.Image()), and pass the dataset to AFTTrainer."
+        )
     if os.path.isdir(name_or_path):
+        if _first_image_file(name_or_path) is None:
+            found = sorted({Path(f).suffix or f for _, _, files in os.walk(name_or_path) for f in files})
+            raise ValueError(
+                f"The folder {name_or_path!r} holds no image files (found: {found or 'nothing'}); it must hold "
+                "images (.jpg, .png, ...) in one sub-folder per class. A CSV of image paths is read in Python: "
+                "load_dataset('csv', ...) with the path column cast to datasets.Image()."
+            )
         return datasets.load_dataset("imagefolder", data_dir=name_or_path, split=split, streaming=streaming)
+    if os.path.isabs(name_or_path) or name_or_path.startswith(("~", ".")) or name_or_path.count("/") > 1:
+        raise FileNotFoundError(
+            f"No dataset folder at {name_or_path!r} (nothing exists at that path), and it is not a Hub dataset id "
+            "('namespace/name') either: check the path."
+        )
     return datasets.load_dataset(name_or_path, config_name, split=split, streaming=streaming)
+
+
+def _first_image_file(folder: str) -> str | None:
+    """The first file under `folder` with an extension the ``imagefolder`` builder reads, or None."""
+    extensions = ImageFolder.EXTENSIONS
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if Path(name).suffix.lower() in extensions:
+                return os.path.join(root, name)
+    return None
 
 
 def find_image_column(features: datasets.Features | None, image_column: str | None = None) -> str:
@@ -127,7 +157,67 @@ def open_image(value: Any) -> Image.Image:
     else:
         raise TypeError(f"Cannot read an image from {type(value).__name__}")
     image.load()  # decode now, so that a truncated file fails here and not later
+    return to_rgb(image)
+
+
+# 16-bit integer modes: PIL's convert("RGB") clips their 0-65535 values to 255 (a white image) instead of scaling.
+_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as upright 8-bit RGB, what the image processors expect.
+
+    The EXIF orientation is applied (a phone's portrait JPEG is stored sideways); 16-bit integer images (modes
+    ``I;16*`` and ``I``, values 0-65535) are scaled to 8 bits (value / 257, rounded); transparency (RGBA, LA, PA, a
+    palette or RGB/L image with a transparent colour) is composited over white, as transformers' `convert_to_rgb`
+    does; CMYK and the other modes go through PIL's conversion. A 32-bit float image (mode ``F``) has no fixed range
+    and is refused (ValueError), so that the collator skips it with that reason.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode == "F":
+        raise ValueError("a 32-bit float image (mode F) has no fixed value range; save it as 8- or 16-bit")
+    if image.mode in _HIGH_BIT_DEPTH_MODES:
+        scaled = np.rint(np.asarray(image, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(scaled)  # mode L
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def describe_example(example: dict[str, Any], image_column: str) -> str:
+    """Where an example comes from, for messages: its index (:data:`INDEX_COLUMN`) and file path, when known."""
+    source = example.get(image_column)
+    parts = [f"index {example[INDEX_COLUMN]}"] if INDEX_COLUMN in example else []
+    if isinstance(source, dict) and source.get("path"):
+        parts.append(str(source["path"]))
+    elif isinstance(source, (str, os.PathLike)):
+        parts.append(str(source))
+    return ", ".join(parts) or "no index or path"
+
+
+def check_images_decode(dataset: datasets.Dataset | datasets.IterableDataset, image_column: str, shown: int = 5) -> int:
+    """Decode the images of `dataset` (prepared by :func:`prepare_dataset`) in order until one decodes; return its
+    position. Cheap for a usable dataset (one image), and the one check that stops a run before any compute.
+
+    Raises:
+        ValueError: the dataset is empty, or none of its images decodes; the message names the first `shown`
+            examples (index, path) and why each failed.
+    """
+    failures = []
+    for position, example in enumerate(dataset):
+        try:
+            open_image(example[image_column])
+            return position
+        except Exception as err:  # noqa: BLE001 - any decoding failure counts as "does not decode"
+            if len(failures) < shown:
+                failures.append(f"position {position} ({describe_example(example, image_column)}): {err}")
+    if not failures:
+        raise ValueError("The train dataset is empty: check dataset_name, dataset_config and dataset_split.")
+    raise ValueError(
+        f"None of the images in column {image_column!r} decodes; the first failures: " + "; ".join(failures) + ". "
+        "Check that the column holds image files (or PIL images) in a format PIL reads."
+    )
 
 
 def images_to_pixels(images: Sequence[Image.Image], image_processor) -> torch.Tensor:
@@ -140,8 +230,9 @@ class AFTDataCollator:
     """Batches examples into ``{"pixel_values", "num_skipped"[, "labels", "example_index"]}``, one row per kept image.
 
     An image that cannot be decoded is skipped and counted (``num_skipped``), so one corrupt file does not end a
-    long run; the trainer logs the running total as ``skipped_images``. Examples with an :data:`INDEX_COLUMN` (see
-    :func:`with_example_index`) pass it on as ``example_index``.
+    long run; the trainer logs the running total as ``skipped_images``. A batch whose every image fails holds one
+    blank row flagged ``placeholder``, which the trainer turns into a zero-loss step. Examples with an
+    :data:`INDEX_COLUMN` (see :func:`with_example_index`) pass it on as ``example_index``.
     """
 
     def __init__(self, image_processor, image_column: str = "image", label_column: str | None = None):
@@ -155,21 +246,28 @@ class AFTDataCollator:
             try:
                 images.append(open_image(example[self.image_column]))
             except Exception as err:  # noqa: BLE001 - any decoding failure means "skip this image"
-                source = example[self.image_column]
-                where = source.get("path") if isinstance(source, dict) else None
-                logger.warning("Skipping an unreadable image%s: %s", f" ({where})" if where else "", err)
+                where = describe_example(example, self.image_column)
+                logger.warning("Skipping an unreadable image (%s): %s", where, err)
                 continue
             if self.label_column is not None:
                 labels.append(int(example[self.label_column]))
             if INDEX_COLUMN in example:
                 indices.append(int(example[INDEX_COLUMN]))
-        if not images:
-            raise RuntimeError(f"Every image of a batch of {len(examples)} failed to decode; check the dataset.")
+        skipped = len(examples) - len(images)
+        placeholder = not images
+        if placeholder:
+            # Every image failed: one blank row, flagged ``placeholder``, keeps the batch's shape, and the trainer
+            # makes the step a zero loss (see `AFTTrainer.compute_loss`): a batch of broken files never ends a run.
+            images = [Image.new("RGB", (1, 1))]
+            labels = [0] if self.label_column is not None else []
+            indices = [int(examples[0][INDEX_COLUMN])] if INDEX_COLUMN in examples[0] else []
         # The count rides along as a per-row tensor (its sum is the count) because Accelerate concatenates and
         # slices batches along the first dimension when it dispatches them, which a scalar cannot survive.
         num_skipped = torch.zeros(len(images))
-        num_skipped[0] = len(examples) - len(images)
+        num_skipped[0] = skipped
         batch = {"pixel_values": images_to_pixels(images, self.image_processor), "num_skipped": num_skipped}
+        if placeholder:
+            batch["placeholder"] = torch.ones(1)
         if self.label_column is not None:
             batch["labels"] = torch.tensor(labels)
         if indices:
