@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import os
+import shutil
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
@@ -26,19 +29,22 @@ from transformers import (
     Trainer,
     TrainerCallback,
 )
-from transformers.trainer_utils import HubStrategy
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, rotate_checkpoints
 from transformers.utils.hub import PushInProgress
 
-from .attack import adversarial_perturbation
+from .attack import ExampleRandomness, adversarial_perturbation
 from .config import AFTConfig
 from .data import (
     AFTDataCollator,
+    check_images_decode,
     clip_image_processor,
     find_image_column,
     images_to_pixels,
     load_processor,
     open_image,
     prepare_dataset,
+    with_example_index,
 )
 from .data import (
     class_names as dataset_class_names,
@@ -60,6 +66,8 @@ from .release import (
     push_folder,
     write_card,
 )
+from .release.export import foreign_entries, fsync_dir, fsync_tree
+from .release.hub import check_model_source
 from .release.names import hub_id
 from .release.record import hardware_description
 
@@ -71,6 +79,8 @@ HUB_FOLDER = "_hub"  # under output_dir: the exact folder push_to_hub exports, v
 
 # The column that ties each train example to its row of the precomputed reference embeddings.
 ROW_COLUMN = "aft_row"
+# A checkpoint is written under this hidden name and renamed to checkpoint-N once complete (see _save_checkpoint).
+PARTIAL_CHECKPOINT_PREFIX = ".partial-"
 
 
 def _load_processor(source: str | None, image_size: int) -> ProcessorMixin | BaseImageProcessor:
@@ -126,6 +136,17 @@ class ReferenceEmbedsCollator:
         return batch
 
 
+class SkippedImages(TrainerCallback, ExportableState):
+    """The running total of train images skipped as unreadable. As an `ExportableState` it is saved in every
+    checkpoint's ``trainer_state.json``, and `AFTTrainer` restores it on resume, so the total spans the whole run."""
+
+    def __init__(self, total: int = 0):
+        self.total = total
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {"total": self.total}, "attributes": {}}
+
+
 class AFTTrainer(Trainer):
     """Adversarial fine-tuning of a CLIP image encoder (Gong et al., ICLR 2025), as a `transformers.Trainer`.
 
@@ -169,7 +190,10 @@ class AFTTrainer(Trainer):
         optimizers: tuple = (None, None),
     ):
         self.dataset_name = dataset_name
+        # Set by a map monitor (hf_clip_aft.interpret.monitor) when one watches this run; carried into the record.
+        self.training_evaluation: dict[str, Any] | None = None
         if isinstance(model, str):
+            check_model_source(model)
             self.base_model_source: str | CLIPModel | None = model
             vision = load_vision_tower(model)
         elif isinstance(model, CLIPModel):
@@ -188,6 +212,7 @@ class AFTTrainer(Trainer):
             args = AFTConfig(output_dir=f"{name.rstrip('/').split('/')[-1]}-AFT")
         if not isinstance(args, AFTConfig):
             raise TypeError(f"args must be an AFTConfig, got {type(args).__name__}.")
+        check_output_dir(args.output_dir, args.overwrite_output_dir)
         args.resolve_group_size(vision.config.patch_size, vision.config.image_size)  # attack_norm="group" only
 
         source_path = self.base_model_source if isinstance(self.base_model_source, str) else None
@@ -233,9 +258,11 @@ class AFTTrainer(Trainer):
             )
         if train_dataset is not None:
             image_column = find_image_column(train_dataset.features, image_column)
-            train_dataset = prepare_dataset(train_dataset, image_column)
+            train_dataset = with_example_index(prepare_dataset(train_dataset, image_column))
+            check_images_decode(train_dataset, image_column)  # a dataset where nothing decodes stops here
         if eval_dataset is not None:
             eval_dataset = prepare_dataset(eval_dataset, find_image_column(eval_dataset.features, image_column))
+            eval_dataset = with_example_index(eval_dataset)
         if data_collator is None:
             data_collator = AFTDataCollator(
                 self.image_processor,
@@ -250,9 +277,14 @@ class AFTTrainer(Trainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), SkippedImages()],
             optimizers=optimizers,
         )
+        self._skipped = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, SkippedImages))
+        self._checkpoint_staging: str | None = None  # the run folder stand-in while a checkpoint is written
+        self._pending_checkpoint_push = False
+        if self.args.should_save:
+            remove_partial_checkpoints(self.args.output_dir)
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
         elif args.precompute_ref_embeddings and not self.place_model_on_device:
@@ -265,7 +297,6 @@ class AFTTrainer(Trainer):
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
-        self._skipped_total = 0
 
     @staticmethod
     def _class_text_embeds(model, processor, names: list[str], template: str) -> torch.Tensor:
@@ -355,10 +386,21 @@ class AFTTrainer(Trainer):
         dropped = len(dataset) - int(readable.sum())
         if dropped:
             logger.warning("Dropped %d unreadable images of %d from the train set.", dropped, len(dataset))
-            self._skipped_total += dropped
+            self._skipped.total += dropped
             dataset = dataset.select(readable.nonzero().flatten().tolist())
         self.train_dataset = dataset
         self.data_collator = ReferenceEmbedsCollator(self.data_collator, table)
+
+    def attack_randomness(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> ExampleRandomness | None:
+        """Each example's own random start and noise, keyed by (seed, epoch, its dataset index): the same draws for an
+        example however the batch is split over processes and accumulation steps. Evaluation always draws epoch 0's,
+        so that evaluations compare. None (torch's global generator) for batches without ``example_index`` (a custom
+        data collator that does not pass it on).
+        """
+        if "example_index" not in inputs:
+            return None
+        epoch = int(self.state.epoch or 0) if model.training else 0
+        return ExampleRandomness(self.args.seed, epoch, inputs["example_index"])
 
     def compute_loss(
         self,
@@ -371,11 +413,18 @@ class AFTTrainer(Trainer):
         metrics = self._metrics["train" if model.training else "eval"]
         if "num_skipped" in inputs:
             metrics["skipped_images"].append(inputs["num_skipped"].sum())
+        if "placeholder" in inputs:
+            # Every image of the batch failed to decode (the collator's blank row): a zero loss, through one
+            # forward, so that every parameter gets its (zero) gradient and DDP ranks stay in step.
+            loss = self._embed(model, pixels).sum() * 0.0
+            return (loss, {"image_embeds": None}) if return_outputs else loss
         target = inputs["ref_embeds"] if "ref_embeds" in inputs else self.reference_embeds(model, pixels)
 
         attack_model = self._forward_model(model)
         with frozen_parameters(attack_model):
-            adv_pixels = adversarial_perturbation(lambda x: self._embed(attack_model, x), pixels, target, self.args)
+            adv_pixels = adversarial_perturbation(
+                lambda x: self._embed(attack_model, x), pixels, target, self.args, self.attack_randomness(model, inputs)
+            )
 
         adv_embeds = self._embed(model, adv_pixels)
         attack_loss = fare_loss(adv_embeds, target)
@@ -397,6 +446,14 @@ class AFTTrainer(Trainer):
 
         metrics["attack_loss"].append(attack_loss.detach())
         metrics["cos_sim_adv"].append(mean_cosine_similarity(adv_embeds.detach(), target))
+        if model.training and not torch.isfinite(loss.detach()):
+            raise FloatingPointError(
+                f"The AFT loss is {loss.item()} at step {self.state.global_step + 1}: the run stops here, so that no "
+                "checkpoint holds weights trained on it. Usual causes: a learning rate too high "
+                f"(learning_rate={self.args.learning_rate}), fp16 overflow (use bf16 or fp32), or non-finite "
+                "weights or pixels. Resume from the last complete checkpoint (resume_from_checkpoint=true) with "
+                "the cause fixed."
+            )
         return (loss, {"image_embeds": adv_embeds}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -416,16 +473,99 @@ class AFTTrainer(Trainer):
         mode = "train" if self.model.training else "eval"
         prefix = "eval_" if mode == "eval" else ""
         metrics = self._metrics[mode]
-        if metrics:
-            for key, values in metrics.items():
-                if key == "skipped_images":
-                    # A running total over the whole run and every rank.
-                    self._skipped_total += int(self.accelerator.reduce(torch.stack(values).sum(), "sum").item())
-                    logs[prefix + key] = self._skipped_total
-                else:
-                    logs[prefix + key] = self.accelerator.reduce(torch.stack(values).mean(), "mean").item()
-            metrics.clear()
+        if mode == "train" and "skipped_images" in metrics:
+            logs["skipped_images"] = self._flush_skipped()  # a running total over the whole run and every rank
+        for key, values in metrics.items():
+            if key == "skipped_images":  # evaluation: the images this evaluation skipped
+                logs[prefix + key] = int(self.accelerator.reduce(torch.stack(values).sum(), "sum").item())
+            else:
+                logs[prefix + key] = self.accelerator.reduce(torch.stack(values).mean(), "mean").item()
+        metrics.clear()
         super().log(logs, start_time)
+
+    def _flush_skipped(self) -> int:
+        """Add the training skips counted since the last call, over every rank, to the run's total; return it.
+
+        A collective: every rank must call it at the same point (a log, a checkpoint, an export).
+        """
+        pending = self._metrics["train"].pop("skipped_images", [])
+        count = torch.stack(pending).sum() if pending else torch.zeros(())
+        self._skipped.total += int(self.accelerator.reduce(count.to(self.args.device), "sum").item())
+        return self._skipped.total
+
+    def _load_callback_state(self) -> None:
+        """On resume: the skipped-images total goes on from the checkpoint's (whatever
+        ``restore_callback_states_from_checkpoint`` says about the other callbacks)."""
+        saved = self.state.stateful_callbacks.get(SkippedImages.__name__)
+        super()._load_callback_state()  # may replace the callback by a restored copy
+        self._skipped = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, SkippedImages))
+        if saved:
+            self._skipped.total = int(saved["args"]["total"])
+
+    # --- checkpoints: written whole or not at all ---
+
+    def _get_output_dir(self, trial) -> str:
+        return self._checkpoint_staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        """Write ``checkpoint-N`` atomically, so that ``resume_from_checkpoint=true`` (the highest checkpoint-N)
+        only ever finds complete ones.
+
+        The Trainer writes everything (weights, optimiser, RNG states of every rank, trainer state) into the hidden
+        ``.partial-checkpoint-N/checkpoint-N``; the main process adds the training record, flushes the files to disk
+        and renames the folder to ``checkpoint-N`` (then rotates and pushes as the Trainer would). A checkpoint of
+        non-finite weights is refused; a failed write (a full disk) leaves no folder behind and says why.
+        """
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p.detach()).all()]
+        if bad:
+            raise FloatingPointError(
+                f"Refusing to save checkpoint-{self.state.global_step}: {len(bad)} weight tensors are not finite "
+                f"(e.g. {bad[0]}). Resume from the last complete checkpoint with a lower learning_rate."
+            )
+        self._flush_skipped()  # the total goes into this checkpoint's trainer state
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, PARTIAL_CHECKPOINT_PREFIX + name)
+        self._checkpoint_staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every rank's files (RNG state, shards) are in
+            if self.args.should_save:
+                self.training_record().save(os.path.join(staging, name))
+                fsync_tree(staging)
+                final = os.path.join(run_dir, name)
+                if os.path.isdir(final):  # the same step saved again (e.g. at the end of training)
+                    shutil.rmtree(final)
+                os.rename(os.path.join(staging, name), final)
+                fsync_dir(run_dir)
+        except Exception as err:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err):
+                raise OSError(
+                    errno.ENOSPC,
+                    f"No space left on the device of {run_dir} while writing {name}: free space there or keep fewer "
+                    "checkpoints (save_total_limit), then resume (resume_from_checkpoint=true) from the last "
+                    f"complete checkpoint. The partial {name} was removed",
+                ) from err
+            raise
+        finally:
+            self._checkpoint_staging = None
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(staging):  # recorded while the folder had its staging name
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.relpath(best, staging))
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        if self._pending_checkpoint_push:
+            self._pending_checkpoint_push = False
+            self._push_from_checkpoint(os.path.join(run_dir, name))
+        self.accelerator.wait_for_everyone()
 
     # --- the record, and the release steps that read it ---
 
@@ -442,7 +582,8 @@ class AFTTrainer(Trainer):
             train_runtime=runtime,
             hardware=hardware_description(self.args.device, self.args.world_size),
             global_steps=self.state.global_step or None,
-            skipped_images=self._skipped_total,
+            skipped_images=self._skipped.total,
+            training_evaluation=self.training_evaluation,
         )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -481,6 +622,7 @@ class AFTTrainer(Trainer):
         Call it on every rank (sharded weights are gathered); only the main process writes.
         """
         trained = self._trained_tower()
+        self._flush_skipped()
         if not self.args.should_save:
             return
         record = self.training_record()
@@ -538,6 +680,9 @@ class AFTTrainer(Trainer):
         strategy = self.args.hub_strategy
         if not self.is_world_process_zero() or strategy not in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
             return
+        if self._checkpoint_staging is not None:  # called by Trainer._save_checkpoint: push once renamed
+            self._pending_checkpoint_push = True
+            return
         if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
             return
         job = push_checkpoint(
@@ -552,3 +697,40 @@ class AFTTrainer(Trainer):
             self.push_in_progress = PushInProgress([job])
         else:
             self.push_in_progress.jobs.append(job)
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Before any compute: `output_dir` must be writable, and hold nothing this library did not write unless
+    `overwrite` (``overwrite_output_dir``), so that a user's own README.md or config.json is never replaced.
+
+    Raises:
+        FileExistsError: `output_dir` holds files of someone else's (named in the message).
+        PermissionError: `output_dir` cannot be created or written to (read-only, or a file in the way).
+    """
+    foreign = foreign_entries(output_dir)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"output_dir={str(output_dir)!r} already holds files this library did not write ({shown}), which the "
+            "run's export would replace. Pick a new or empty folder, or pass --overwrite_output_dir true to write "
+            "into it anyway."
+        )
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=output_dir)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        raise PermissionError(
+            f"Cannot write to output_dir={str(output_dir)!r} ({err.strerror or err}): pick a writable folder with "
+            "--output_dir."
+        ) from None
+
+
+def remove_partial_checkpoints(output_dir: str | os.PathLike) -> list[str]:
+    """Delete the ``.partial-checkpoint-*`` folders that interrupted checkpoint writes left in `output_dir`."""
+    leftovers = sorted(str(p) for p in Path(output_dir).glob(f"{PARTIAL_CHECKPOINT_PREFIX}{PREFIX_CHECKPOINT_DIR}-*"))
+    for path in leftovers:
+        logger.warning("Removing %s, left by an interrupted checkpoint save.", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers
