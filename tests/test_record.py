@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
+from hf_clip_aft import files as files_module
 from hf_clip_aft.config import AFTConfig
-from hf_clip_aft.release import record as record_module
 from hf_clip_aft.release.export import private_strings
 from hf_clip_aft.release.record import LEGACY_RECORD_NAME, RECORD_NAME, TrainingRecord
 
@@ -50,7 +50,7 @@ def test_record_save_is_atomic(record, tmp_path, monkeypatch):
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(record_module.os, "replace", fail)
+    monkeypatch.setattr(files_module.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         TrainingRecord(global_steps=99).save(tmp_path)
     assert (tmp_path / RECORD_NAME).read_text() == before  # the old record is untouched

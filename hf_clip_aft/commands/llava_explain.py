@@ -19,10 +19,6 @@ prompt greedily; each answer token's relevance over the image patches is compute
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,6 +34,7 @@ from hf_clip_aft.data import (
     open_image,
     prepare_dataset,
 )
+from hf_clip_aft.files import atomic_write, write_json_atomic
 from hf_clip_aft.interpret.batches import find_mask_column, masks_to_tensor
 from hf_clip_aft.interpret.figures import saliency_grid
 from hf_clip_aft.interpret.llava_relevance import (
@@ -117,18 +114,6 @@ class LlavaExplainArguments:
 ARGUMENTS = (LlavaExplainArguments,)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(temporary_path)`` then rename the result onto `path` (the suffix is kept for format sniffing)."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 def _load(args: LlavaExplainArguments) -> tuple[LlavaForConditionalGeneration, object]:
     architectures = AutoConfig.from_pretrained(args.llava).architectures or []
     for name in architectures:
@@ -196,7 +181,7 @@ def _image_figure(pixels, explanations, summaries, entries, args, path: Path) ->
         titles.append(f"{i}: {pair[0]}|{pair[1]}")
     grid = pixels.expand(len(titles), -1, -1, -1)
     labels = [TOWER_LABELS[t] for t in TOWERS]
-    _atomic_write(
+    atomic_write(
         path,
         lambda p: saliency_grid(grid, maps, labels, [_method_label(args)], p, cell=128, titles=titles),
     )
@@ -250,7 +235,7 @@ def main(args: LlavaExplainArguments) -> dict:
     labels = [TOWER_LABELS[t] for t in TOWERS]
     stacked = {key: torch.stack(maps) for key, maps in overview.items()}
     titles = [f"{image['original']['answer']} | {image['aft']['answer']}" for image in images]
-    _atomic_write(
+    atomic_write(
         output / "overview.png",
         lambda p: saliency_grid(
             torch.cat(all_pixels),
@@ -272,10 +257,7 @@ def main(args: LlavaExplainArguments) -> dict:
         "mean": means,
         "difference_aft_minus_original": {k: means["aft"][k] - means["original"][k] for k in numbers},
     }
-    _atomic_write(
-        output / "results.json",
-        lambda p: Path(p).write_text(json.dumps(results, indent=2) + "\n"),
-    )
+    write_json_atomic(output / "results.json", results)
     print(
         f"Wrote {output / 'results.json'}, {output / 'overview.png'} and {len(images)} figures in {output / 'figures'}"
     )

@@ -48,7 +48,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -71,6 +70,7 @@ from ..data import (
     open_image,
     prepare_dataset,
 )
+from ..files import atomic_write, read_json, write_json_atomic, write_text_atomic
 from ..modeling import encode_images
 from .suite import LoadedModel, load_clip
 from .zero_shot import class_text_embeddings
@@ -1045,36 +1045,7 @@ def validate_dissection(results: dict[str, Any]) -> None:
 
 def load_dissection(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a dissection ``results.json`` (or the one inside a folder)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "results.json")
-    with open(path, encoding="utf-8") as f:
-        results = json.load(f)
-    validate_dissection(results)
-    return results
-
-
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(temporary path)`` next to `path`, then rename: a reader never sees a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def _write_text(text: str) -> Callable[[str], None]:
-    def write(path: str) -> None:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    return write
+    return read_json(path, validate_dissection)
 
 
 def _label(model: str) -> str:
@@ -1176,7 +1147,7 @@ def top_images_figure(
         for c, row in enumerate(rows_shown):
             image = open_image(probe.dataset[position[row]][probe.image_column])
             canvas.paste(ImageOps.fit(image, (cell, cell)), (c * cell, y + line))
-    _atomic_write(path, lambda temporary: canvas.save(temporary, format="PNG", optimize=True))
+    atomic_write(path, lambda temporary: canvas.save(temporary, format="PNG", optimize=True))
 
 
 def dissect_models(args: DissectionArguments) -> dict[str, Any]:
@@ -1185,14 +1156,8 @@ def dissect_models(args: DissectionArguments) -> dict[str, Any]:
     results = run_dissection(args)
     validate_dissection(results)
     os.makedirs(args.output, exist_ok=True)
-    _atomic_write(
-        os.path.join(args.output, "results.json"),
-        _write_text(json.dumps(results, indent=1) + "\n"),
-    )
-    _atomic_write(
-        os.path.join(args.output, "summary.md"),
-        _write_text(dissection_summary(results)),
-    )
+    write_json_atomic(os.path.join(args.output, "results.json"), results)
+    write_text_atomic(os.path.join(args.output, "summary.md"), dissection_summary(results))
     top_images_figure(
         results,
         load_probe_data(args),

@@ -31,6 +31,7 @@ import math
 import os
 from typing import Any
 
+from ..files import read_json, write_text_atomic
 from .registry import MAP_METHODS, METRICS, TASK_SALIENCY, TASK_SEGMENTATION, TASK_ZERO_SHOT
 
 SCHEMA = "hf_clip_aft.eval/v1"
@@ -113,31 +114,18 @@ def results_document(
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a ``results.json`` file (or the ``results.json`` inside a folder)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "results.json")
-    with open(path, encoding="utf-8") as f:
-        results = json.load(f)
-    validate_results(results)
-    return results
+    return read_json(path, validate_results)
 
 
 def save_results(results: dict[str, Any], path: str | os.PathLike) -> None:
     """Validate `results` and write them as indented JSON (the file is only written when valid, atomically)."""
     validate_results(results)
-    _write_atomic(path, json.dumps(results, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(results, indent=2) + "\n")
 
 
 def save_summary(results: dict[str, Any], path: str | os.PathLike) -> None:
     """Write :func:`summary_markdown` of `results` to `path` (atomically)."""
-    _write_atomic(path, summary_markdown(results))
-
-
-def _write_atomic(path: str | os.PathLike, text: str) -> None:
-    # A temporary file beside the target, then a rename: a reader never sees half a file.
-    temporary = f"{os.fspath(path)}.tmp"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(temporary, path)
+    write_text_atomic(path, summary_markdown(results))
 
 
 def _model_label(model: str) -> str:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 import torch
 
 from ..config import AFTConfig
+from ..files import write_json_atomic
 from .names import on_hub, public_name
 
 RECORD_NAME = "training_record.json"
@@ -157,17 +156,9 @@ class TrainingRecord:
 
     def save(self, folder: str | Path) -> Path:
         """Write ``training_record.json`` into `folder` atomically (a temporary file, then a rename)."""
-        folder = Path(folder)
-        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
-        handle, temp = tempfile.mkstemp(prefix=f".{RECORD_NAME}-", dir=folder)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(temp, folder / RECORD_NAME)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
-        return folder / RECORD_NAME
+        path = Path(folder) / RECORD_NAME
+        write_json_atomic(path, self.to_dict())
+        return path
 
     @classmethod
     def load(cls, folder: str | Path) -> TrainingRecord | None:
