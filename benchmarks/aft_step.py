@@ -88,7 +88,9 @@ class ReferenceCostTrainer(AFTTrainer):
         pixels = inputs["pixel_values"]
         target = self.reference_embeds(model, pixels)
         attack_model = self._forward_model(model)
-        adv_pixels = adversarial_perturbation(lambda x: self._embed(attack_model, x), pixels, target, self.args)
+        adv_pixels = adversarial_perturbation(
+            lambda x: self._embed(attack_model, x), pixels, target, self.args, self.attack_randomness(model, inputs)
+        )
         self._clean_embeds = self._embed(model, pixels) if self.clean_forward else None
         w = self.args.clean_weight
         clean_loss = fare_loss(self._clean_embeds, target) if w > 0 else 0.0
