@@ -285,6 +285,12 @@ class AFTTrainer(Trainer):
         self._pending_checkpoint_push = False
         if self.args.should_save:
             remove_partial_checkpoints(self.args.output_dir)
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.is_fsdp_enabled:
+            logger.warning(
+                "The launch asked for FSDP, but accelerate set up %s: this run is not sharded (accelerate enables FSDP "
+                "on GPUs and other accelerators only, never on CPU processes).",
+                self.accelerator.distributed_type,
+            )
         if self.ref_model is not None:
             self.ref_model.to(self.args.device)
         elif args.precompute_ref_embeddings and not self.place_model_on_device:
