@@ -29,6 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from study import EPSILONS, LEARNING_RATES, SMOKE_SPEC, SMOKE_WORLD, WORLD_DIALS, WORLDS, StudySpec, run_job
 
+from hf_clip_aft.interpret.monitor import MonitorSettings
+
 FIGURE_NAME = "delta_epg.png"
 # |ΔEPG| up to this is "neutral": the guard's tolerance, and about the seed-to-seed spread of paired differences.
 NEUTRAL_BAND = 0.02
@@ -45,6 +47,7 @@ JOBS: list[tuple[str, int, list[tuple[float, float]]]] = [
     ("short_pretrain", 0, CORE_CELLS),
     ("reference", 1, CORE_CELLS),
     ("reference", 2, CORE_CELLS),
+    ("sparse_clutter", 0, CORE_CELLS),
     ("grid8", 0, CORE_CELLS),
     ("long_pretrain", 0, CORE_CELLS),
     *((world, seed, CORE_CELLS) for seed in (1, 2) for world in ("class_cue", "noisy_pretrain")),
@@ -85,6 +88,13 @@ def _append(log_path: str, entry: dict[str, Any]) -> None:
     print(f"{_job_key(entry['world'], entry['seed'])}: {entry['seconds']:.0f} s", flush=True)
 
 
+def collapse_warned_at(job: dict[str, Any], run: dict[str, Any]) -> int | None:
+    """First monitored step whose embedding spread fell below the monitor's collapse ratio times the base's (what
+    the issue-19 collapse warning would have flagged), or None."""
+    limit = MonitorSettings().collapse_ratio * job["base_monitor"]["embedding_spread"]
+    return next((point["step"] for point in run["guard_trace"] if point["embedding_spread"] < limit), None)
+
+
 def run_rows(job: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per AFT fine-tuning of `job`: the base, the two controls and AFT at that (learning rate, ε)."""
     clean = next(run for run in job["runs"] if run["variant"] == "clean")
@@ -115,6 +125,7 @@ def run_rows(job: dict[str, Any]) -> list[dict[str, Any]]:
                 "aft_spread": aft["metrics"]["embedding_spread"],
                 "guard_fired_at": aft["guard"]["fired_at"],
                 "guard_best_step": aft["guard"]["best_step"],
+                "collapse_warned_at": collapse_warned_at(job, aft),
                 "random_guard_fired_at": random["guard"]["fired_at"],
                 "clean_guard_fired_at": clean["guard"]["fired_at"],
                 "clean_is_base": job["clean_is_base"],
@@ -160,6 +171,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "delta_epg_per_seed": [r["delta_epg"] for r in group],
                 "guard_fired_at_per_seed": [r["guard_fired_at"] for r in group],
                 "guard_best_step_per_seed": [r["guard_best_step"] for r in group],
+                "collapse_warned_at_per_seed": [r["collapse_warned_at"] for r in group],
                 "verdict": verdict(mean["delta_epg"]),
             }
         )
@@ -188,6 +200,7 @@ def table_markdown(summary: list[dict[str, Any]]) -> str:
         "spread base → AFT",
         "verdict",
         "guard (AFT)",
+        "collapse warning (AFT)",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summary:
@@ -207,6 +220,7 @@ def table_markdown(summary: list[dict[str, Any]]) -> str:
             f"{s['base_spread']:.3f} → {s['aft_spread']:.3f}",
             s["verdict"],
             _guard_text(s["guard_fired_at_per_seed"], s["guard_best_step_per_seed"]),
+            ", ".join("none" if step is None else f"@{step}" for step in s["collapse_warned_at_per_seed"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
