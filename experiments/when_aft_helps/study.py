@@ -90,7 +90,7 @@ def _world(
 
 
 # One dial moved at a time from `reference`, plus one world with two dials (fine grid and noisy pre-training).
-# `sparse_clutter` was added after the first four jobs had all given bases whose maps localise poorly.
+# `sparse_clutter` was added after the first six jobs had all given bases whose maps localise poorly.
 WORLDS: dict[str, ExperimentConfig] = {
     "reference": _world(),
     "short_pretrain": _world(pretrain_steps=100),
@@ -106,7 +106,7 @@ WORLD_DIALS = {
     "short_pretrain": "pre-training 100 steps",
     "long_pretrain": "pre-training 1000 steps",
     "class_cue": "80% of scenes draw their clutter in the class's colour",
-    "sparse_clutter": "0-2 clutter items instead of 12-20 (added after the first four jobs, to reach a base that localises)",
+    "sparse_clutter": "0-2 clutter items instead of 12-20 (added after six jobs, to reach a base that localises)",
     "noisy_pretrain": "Gaussian pixel noise σ = 24/255 during pre-training",
     "grid8": "8×8 tokens (patch 4)",
     "grid8_noisy": "8×8 tokens and noise σ = 24/255",
