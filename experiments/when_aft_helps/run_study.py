@@ -50,6 +50,7 @@ JOBS: list[tuple[str, int, list[tuple[float, float]]]] = [
     ("sparse_clutter", 0, CORE_CELLS),
     ("grid8", 0, CORE_CELLS),
     ("long_pretrain", 0, CORE_CELLS),
+    ("grid8_sparse", 0, CORE_CELLS),
     *((world, seed, CORE_CELLS) for seed in (1, 2) for world in ("class_cue", "noisy_pretrain")),
     ("grid8_noisy", 0, CORE_CELLS),
     *((world, seed, CORE_CELLS) for seed in (1, 2) for world in ("short_pretrain", "long_pretrain", "grid8")),

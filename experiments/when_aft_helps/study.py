@@ -100,6 +100,7 @@ WORLDS: dict[str, ExperimentConfig] = {
     "noisy_pretrain": _world(noise_std=24.0),
     "grid8": _world(patch=4),
     "grid8_noisy": _world(patch=4, noise_std=24.0),
+    "grid8_sparse": _world(patch=4, clutter_items=(0, 2)),
 }
 WORLD_DIALS = {
     "reference": "4×4 tokens, 300 pre-training steps, class-free clutter, no noise",
@@ -110,6 +111,7 @@ WORLD_DIALS = {
     "noisy_pretrain": "Gaussian pixel noise σ = 24/255 during pre-training",
     "grid8": "8×8 tokens (patch 4)",
     "grid8_noisy": "8×8 tokens and noise σ = 24/255",
+    "grid8_sparse": "8×8 tokens and 0-2 clutter items (added after nine jobs: the two dials that raised base EPG most)",
 }
 # Toy sizes for the smoke run (seconds; numbers mean nothing).
 SMOKE_WORLD = ExperimentConfig(
