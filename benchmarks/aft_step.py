@@ -358,44 +358,67 @@ def print_ratios(results: list[dict]) -> None:
             print(
                 f"{name}/naive at K={k}, batch {batch}: step time {lib['step_s'] / naive['step_s']:.3f} "
                 f"(speed-up {naive['step_s'] / lib['step_s']:.2f}x), peak memory "
-                f"{lib['peak_mib'] / naive['peak_mib']:.3f}, step memory {lib['step_peak_mib'] / naive['step_peak_mib']:.3f}; "
+                f"{lib['peak_mib'] / naive['peak_mib']:.3f}, "
+                f"step memory {lib['step_peak_mib'] / naive['step_peak_mib']:.3f}; "
                 f"mean loss {lib['train_loss']:.6g} vs {naive['train_loss']:.6g}"
             )
             if lib["precompute_s"] is not None:
-                print(f"  (plus a one-off precompute of e0: {lib['precompute_s']:.2f} s for {lib['precompute_images']} images)")
+                print(
+                    f"  (plus a one-off precompute of e0: {lib['precompute_s']:.2f} s "
+                    f"for {lib['precompute_images']} images)"
+                )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit-b-32", help="a named architecture (tiny, vit-b-16, vit-b-32, "
-                        "vit-l-14, vit-l-14-336) or a local CLIP checkpoint")
+    parser.add_argument(
+        "--model",
+        default="vit-b-32",
+        help="a named architecture (tiny, vit-b-16, vit-b-32, vit-l-14, vit-l-14-336) or a local CLIP checkpoint",
+    )
     parser.add_argument("--paths", nargs="+", default=["library", "naive"], choices=PATHS)
     parser.add_argument("--batch_size", nargs="+", type=int, default=[2], help="per-device batch size(s)")
     parser.add_argument("--attack_steps", nargs="+", type=int, default=[10], help="attack step count(s) K")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                        help="autocast of the library paths (the naive path is always fp32)")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="autocast of the library paths (the naive path is always fp32)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--activation_checkpointing", action="store_true", help="library paths only")
     parser.add_argument("--torch_compile", action="store_true", help="library paths only")
-    parser.add_argument("--optim", default=None, help="library paths; AFTConfig's default (adamw_torch_fused "
-                        "with torch ≥ 2.8) when omitted")
+    parser.add_argument(
+        "--optim",
+        default=None,
+        help="library paths; AFTConfig's default (adamw_torch_fused with torch ≥ 2.8) when omitted",
+    )
     parser.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager"])
-    parser.add_argument("--logging_steps", type=int, default=None,
-                        help="log every this many steps (default: no step of the run is logged)")
+    parser.add_argument(
+        "--logging_steps",
+        type=int,
+        default=None,
+        help="log every this many steps (default: no step of the run is logged)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch's default when omitted)")
     parser.add_argument("--peak_tflops", type=float, default=None, help="the device's peak, for MFU")
     parser.add_argument("--output", default=None, help="also write the results as JSON here")
     parser.add_argument("--_worker", nargs=2, default=None, help=argparse.SUPPRESS)  # SETTING_JSON time|memory
     args = parser.parse_args(argv)
     if args.warmup < 1:
-        parser.error("--warmup must be ≥ 1: the first step is FLOP-counted (and slower for it), and allocates the optimizer state.")
+        parser.error(
+            "--warmup must be ≥ 1: the first step is FLOP-counted (and slower for it), "
+            "and allocates the optimizer state."
+        )
     if args.steps < 1:
         parser.error("--steps must be ≥ 1.")
     if args.torch_compile and args.warmup < 2:
-        parser.error("--torch_compile needs --warmup ≥ 2: the first step runs eager for the FLOP count, the second compiles.")
+        parser.error(
+            "--torch_compile needs --warmup ≥ 2: the first step runs eager for the FLOP count, the second compiles."
+        )
     return args
 
 
@@ -410,24 +433,38 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     where = torch.cuda.get_device_name() if device == "cuda" else f"{cpu_model()}, {torch.get_num_threads()} threads"
     load_before = os.getloadavg()
-    print(f"{time.strftime('%Y-%m-%d %H:%M')}  {args.model} on {device} ({where}), torch {torch.__version__}, "
-          f"load average {load_before[0]:.2f}")
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M')}  {args.model} on {device} ({where}), torch {torch.__version__}, "
+        f"load average {load_before[0]:.2f}"
+    )
     results = []
     for k in args.attack_steps:
         for batch in args.batch_size:
             for path in args.paths:
                 setting = Setting(
-                    path=path, model=args.model, batch_size=batch, attack_steps=k, precision=args.precision,
-                    device=device, warmup=args.warmup, steps=args.steps, seed=args.seed,
-                    activation_checkpointing=args.activation_checkpointing, torch_compile=args.torch_compile,
-                    optim=args.optim, attn_implementation=args.attn_implementation, threads=args.threads,
+                    path=path,
+                    model=args.model,
+                    batch_size=batch,
+                    attack_steps=k,
+                    precision=args.precision,
+                    device=device,
+                    warmup=args.warmup,
+                    steps=args.steps,
+                    seed=args.seed,
+                    activation_checkpointing=args.activation_checkpointing,
+                    torch_compile=args.torch_compile,
+                    optim=args.optim,
+                    attn_implementation=args.attn_implementation,
+                    threads=args.threads,
                     logging_steps=args.logging_steps,
                 )
                 results.append(run_in_subprocess(setting))
                 print(f"  done: {path} K={k} batch {batch}: {results[-1]['step_s']:.3f} s/step", flush=True)
     first = results[0]
-    print(f"forward: {first['forward_gflop_per_image']:.3f} GFLOP/image counted "
-          f"({first['analytic_forward_gflop_per_image']:.3f} analytic)")
+    print(
+        f"forward: {first['forward_gflop_per_image']:.3f} GFLOP/image counted "
+        f"({first['analytic_forward_gflop_per_image']:.3f} analytic)"
+    )
     print_table(results, args.peak_tflops)
     print_ratios(results)
     print(f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")

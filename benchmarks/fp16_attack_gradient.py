@@ -69,14 +69,18 @@ def main() -> None:
             target = embed(pixels)
         delta = torch.empty_like(pixels).uniform_(-4 / 255, 4 / 255)
         reference = pixel_gradient(embed, pixels, delta, target, None, 1.0)
-        print(f"batch {batch}: largest activation gradient of the fp32 backward "
-              f"{largest_activation_gradient(model, embed, pixels, delta, target):.2e}")
+        print(
+            f"batch {batch}: largest activation gradient of the fp32 backward "
+            f"{largest_activation_gradient(model, embed, pixels, delta, target):.2e}"
+        )
         for dtype, scale in [(torch.float16, 1.0), (torch.float16, OBJECTIVE_SCALE), (torch.bfloat16, 1.0)]:
             grad = pixel_gradient(embed, pixels, delta, target, dtype, scale)
             agree = (grad.sign() == reference.sign()).float().mean().item()
-            print(f"  {str(dtype).removeprefix('torch.'):>8} scale {scale:>7.0f}: zero gradients "
-                  f"{(grad == 0).float().mean().item():.4%}, sign agrees with fp32 {agree:.4%}, "
-                  f"finite {bool(torch.isfinite(grad).all())}")
+            print(
+                f"  {str(dtype).removeprefix('torch.'):>8} scale {scale:>7.0f}: zero gradients "
+                f"{(grad == 0).float().mean().item():.4%}, sign agrees with fp32 {agree:.4%}, "
+                f"finite {bool(torch.isfinite(grad).all())}"
+            )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -50,7 +51,7 @@ def main() -> None:
         reference = torch.nn.functional.normalize(model(pixel_values=pixels).image_embeds, dim=-1)
     for name, case_masks in (("masks", masks), ("no_masks", None)):
         monitor = MapMonitor(pixels, processor, reference, masks=case_masks, settings=settings)
-        total, seconds = flops(lambda: monitor.measure(model))
+        total, seconds = flops(partial(monitor.measure, model))
         row = {
             "model": args.model,
             "case": name,

@@ -18,9 +18,18 @@ ASSETS = Path(__file__).resolve().parents[1] / "hf_clip_aft" / "assets"
 
 def main(out: str) -> None:
     args = AFTConfig(
-        output_dir=out, use_cpu=True, max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3,
-        warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none", attack_steps=2,
-        ddp_find_unused_parameters=False, seed=0,
+        output_dir=out,
+        use_cpu=True,
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        warmup_steps=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        attack_steps=2,
+        ddp_find_unused_parameters=False,
+        seed=0,
     )
     dataset = datasets.load_dataset("imagefolder", data_dir=str(ASSETS / "photos"), split="train")
     trainer = AFTTrainer(str(ASSETS / "tiny-clip"), args=args, train_dataset=dataset)
@@ -29,8 +38,12 @@ def main(out: str) -> None:
     model = trainer.accelerator.unwrap_model(trainer.model)
     rank = dist.get_rank()
     torch.save(
-        {"world_size": dist.get_world_size(), "first_batch": first_batch, "state": model.state_dict(),
-         "log": trainer.state.log_history},
+        {
+            "world_size": dist.get_world_size(),
+            "first_batch": first_batch,
+            "state": model.state_dict(),
+            "log": trainer.state.log_history,
+        },
         Path(out) / f"rank{rank}.pt",
     )
 

@@ -33,8 +33,20 @@ def test_flop_counter_sees_the_cpu_attention_kernels():
 
 def test_smoke_run_on_tiny(tmp_path):
     out = tmp_path / "results.json"
-    command = [sys.executable, str(BENCHMARKS / "aft_step.py"), "--model", "tiny", "--attack_steps", "2",
-               "--steps", "1", "--threads", "1", "--output", str(out)]
+    command = [
+        sys.executable,
+        str(BENCHMARKS / "aft_step.py"),
+        "--model",
+        "tiny",
+        "--attack_steps",
+        "2",
+        "--steps",
+        "1",
+        "--threads",
+        "1",
+        "--output",
+        str(out),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "library/naive at K=2, batch 2: step time" in done.stdout

@@ -9,9 +9,9 @@ from safetensors.torch import save_file
 from transformers import CLIPModel, CLIPProcessor
 
 from hf_clip_aft.cli import run_command
-from hf_clip_aft.release.export import validate_export
 from hf_clip_aft.convert import convert_open_clip_visual
 from hf_clip_aft.model_configs import clip_config
+from hf_clip_aft.release.export import validate_export
 
 VISION = clip_config("tiny").vision_config
 LN_EPS = 1e-5
@@ -46,20 +46,22 @@ def open_clip_state_dict(
     }
     for i in range(layers):
         block = f"transformer.resblocks.{i}."
-        state.update({
-            block + "ln_1.weight": rand(width, offset=1.0),
-            block + "ln_1.bias": rand(width),
-            block + "attn.in_proj_weight": rand(3 * width, width),
-            block + "attn.in_proj_bias": rand(3 * width),
-            block + "attn.out_proj.weight": rand(width, width),
-            block + "attn.out_proj.bias": rand(width),
-            block + "ln_2.weight": rand(width, offset=1.0),
-            block + "ln_2.bias": rand(width),
-            block + "mlp.c_fc.weight": rand(4 * width, width),
-            block + "mlp.c_fc.bias": rand(4 * width),
-            block + "mlp.c_proj.weight": rand(width, 4 * width),
-            block + "mlp.c_proj.bias": rand(width),
-        })
+        state.update(
+            {
+                block + "ln_1.weight": rand(width, offset=1.0),
+                block + "ln_1.bias": rand(width),
+                block + "attn.in_proj_weight": rand(3 * width, width),
+                block + "attn.in_proj_bias": rand(3 * width),
+                block + "attn.out_proj.weight": rand(width, width),
+                block + "attn.out_proj.bias": rand(width),
+                block + "ln_2.weight": rand(width, offset=1.0),
+                block + "ln_2.bias": rand(width),
+                block + "mlp.c_fc.weight": rand(4 * width, width),
+                block + "mlp.c_fc.bias": rand(4 * width),
+                block + "mlp.c_proj.weight": rand(width, 4 * width),
+                block + "mlp.c_proj.bias": rand(width),
+            }
+        )
     return state
 
 
@@ -185,9 +187,7 @@ def test_unmapped_and_missing_keys_are_refused(state):
         convert_open_clip_visual(no_projection, clip_config("tiny"))
 
 
-def test_recipe_writes_a_clip_folder_with_the_converted_vision_tower(
-    state, pixels, expected, tiny_clip_path, tmp_path
-):
+def test_recipe_writes_a_clip_folder_with_the_converted_vision_tower(state, pixels, expected, tiny_clip_path, tmp_path):
     torch.save(state, tmp_path / "aft_tiny.pt")
     main = partial(run_command, "convert")  # what recipes/convert.py runs
     argv = ["--checkpoint", str(tmp_path / "aft_tiny.pt"), "--base", tiny_clip_path, "--output", str(tmp_path / "out")]

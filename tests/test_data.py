@@ -51,10 +51,12 @@ def test_collator_skips_what_it_cannot_decode(tiny_processor, tmp_path):
     good = tmp_path / "good.png"
     Image.new("RGB", (70, 70), (255, 0, 0)).save(good)
     collate = AFTDataCollator(tiny_processor.image_processor, label_column="label")
-    batch = collate([
-        {"image": {"path": str(good), "bytes": None}, "label": 3},
-        {"image": {"path": None, "bytes": b"garbage"}, "label": 5},
-    ])
+    batch = collate(
+        [
+            {"image": {"path": str(good), "bytes": None}, "label": 3},
+            {"image": {"path": None, "bytes": b"garbage"}, "label": 5},
+        ]
+    )
     assert batch["pixel_values"].shape == (1, 3, 64, 64)
     assert batch["num_skipped"].sum().item() == 1 and batch["labels"].tolist() == [3]
     # A batch where every image fails is not an error: one blank row flagged as a placeholder, with the count.
@@ -71,8 +73,16 @@ def test_streaming_dataset_trains(tmp_path, tiny_clip_path):
     from hf_clip_aft import AFTConfig, AFTTrainer
 
     streamed = load_image_dataset(PHOTOS, streaming=True)
-    args = AFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=3, use_cpu=True,
-                     report_to="none", save_strategy="no", logging_steps=1, attack_steps=1)
+    args = AFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=3,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        attack_steps=1,
+    )
     trainer = AFTTrainer(tiny_clip_path, args=args, train_dataset=streamed)
     trainer.train()
     assert trainer.state.global_step == 3 and trainer.state.log_history[0]["skipped_images"] == 0

@@ -7,16 +7,25 @@ from pathlib import Path
 
 import torch
 
-from hf_clip_aft.trainer import load_vision_tower
 from conftest import TINY_CLIP
+from hf_clip_aft.trainer import load_vision_tower
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 def test_two_process_ddp_keeps_ranks_in_sync(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(WORKER), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(WORKER),
+        str(tmp_path),
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]

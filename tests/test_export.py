@@ -10,10 +10,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoProcessor, CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
 
-from hf_clip_aft.release.export import export_checkpoint, export_clip, validate_export
-from hf_clip_aft.modeling import quiet_transformers
 from hf_clip_aft.model_configs import clip_config
-from hf_clip_aft.modeling import encode_images
+from hf_clip_aft.modeling import encode_images, quiet_transformers
+from hf_clip_aft.release.export import export_checkpoint, export_clip, validate_export
 
 TINY = str(Path(__file__).resolve().parents[1] / "hf_clip_aft" / "assets" / "tiny-clip")
 MEAN, STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -60,7 +59,9 @@ def test_export_loads_in_every_clip_class_with_the_trained_embeddings(tmp_path, 
         assert not info["missing_keys"], cls
         assert info["unexpected_keys"] and all(k.startswith(skippable) for k in info["unexpected_keys"]), cls
 
-    clip, vision_proj, vision = (loaded[c][0].eval() for c in (CLIPModel, CLIPVisionModelWithProjection, CLIPVisionModel))
+    clip, vision_proj, vision = (
+        loaded[c][0].eval() for c in (CLIPModel, CLIPVisionModelWithProjection, CLIPVisionModel)
+    )
     expected = encode_images(trained, pixels, MEAN, STD, normalize=False)
     assert torch.equal(encode_images(clip, pixels, MEAN, STD, normalize=False), expected)
     assert torch.equal(encode_images(vision_proj, pixels, MEAN, STD, normalize=False), expected)
@@ -103,7 +104,7 @@ import sys, torch
 sys.modules["peft"] = None
 from transformers import CLIPModel
 from hf_clip_aft.modeling import encode_images
-data = torch.load({str(tmp_path / 'expected.pt')!r})
+data = torch.load({str(tmp_path / "expected.pt")!r})
 clip = CLIPModel.from_pretrained({str(out)!r}).eval()
 got = encode_images(clip, data["pixels"], {MEAN}, {STD}, normalize=False)
 assert torch.allclose(got, data["expected"], atol=1e-5), (got - data["expected"]).abs().max()

@@ -11,11 +11,10 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 from PIL import Image
 
-from hf_clip_aft.release import CardOptions, TrainingRecord, hub
 from hf_clip_aft.config import AFTConfig
+from hf_clip_aft.release import CardOptions, TrainingRecord, hub
 from hf_clip_aft.release.card import read_eval_report, render_card, write_card
 from hf_clip_aft.release.export import export_clip, private_strings
-
 from test_export import TINY, fine_tuned_tower
 
 BASE_ID = "openai/clip-vit-base-patch16"
@@ -238,15 +237,23 @@ def test_push_recipe_dry_run_from_a_training_output_folder(published, tmp_path, 
 
 
 def test_trainer_checks_access_at_init_and_pushes_the_validated_export(tmp_path, fake_api):
+    from conftest import PHOTOS
     from hf_clip_aft import AFTTrainer
     from hf_clip_aft.data import load_image_dataset
     from hf_clip_aft.trainer import HUB_FOLDER
-    from conftest import PHOTOS
 
     fake_api.fail = {"auth_check": forbidden("https://huggingface.co/api/models/org/clip-aft-tiny/auth-check/write")}
-    args = AFTConfig(output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True, max_steps=1,
-                     per_device_train_batch_size=4, attack_steps=1, save_strategy="no",
-                     push_to_hub=True, hub_model_id="org/clip-aft-tiny")
+    args = AFTConfig(
+        output_dir=str(tmp_path / "run"),
+        report_to="none",
+        use_cpu=True,
+        max_steps=1,
+        per_device_train_batch_size=4,
+        attack_steps=1,
+        save_strategy="no",
+        push_to_hub=True,
+        hub_model_id="org/clip-aft-tiny",
+    )
     dataset = load_image_dataset(PHOTOS)
     with pytest.raises(PermissionError, match="cannot write to the model repo 'org/clip-aft-tiny'"):  # before training
         AFTTrainer(TINY, args=args, train_dataset=dataset)
@@ -264,7 +271,8 @@ def test_trainer_checks_access_at_init_and_pushes_the_validated_export(tmp_path,
     # Exactly the validated folder went up: our card (not transformers' generic one) with the model.
     assert kwargs["snapshot"] == {
         p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in folder.rglob("*") if p.is_file()
+        for p in folder.rglob("*")
+        if p.is_file()
     }
     assert {"README.md", "model.safetensors", "config.json"} <= set(kwargs["snapshot"])
     card = ModelCard.load(folder / "README.md")

@@ -68,8 +68,9 @@ def test_clean_control_is_a_no_op_the_weights_stay_exactly_at_the_base():
 def test_variants_change_only_their_own_attack_setting():
     spec = finetune.FinetuneSpec(eps=8.0)
     aft = finetune.attack_settings("aft", spec)
-    assert aft == dict(attack_eps=8.0, attack_step_size=2.0, attack_steps=10, attack_eta=2.0, noise_sigma=2.0,
-                       attack_norm="huber")
+    assert aft == dict(
+        attack_eps=8.0, attack_step_size=2.0, attack_steps=10, attack_eta=2.0, noise_sigma=2.0, attack_norm="huber"
+    )
     differences = {
         variant: {k for k, v in finetune.attack_settings(variant, spec).items() if aft[k] != v}
         for variant in finetune.VARIANTS
@@ -117,4 +118,3 @@ def test_smoke_run_writes_the_table_and_figure_and_is_reproducible(tmp_path, kee
         ["--output", str(tmp_path / "b"), "--smoke", "--seeds", "0", "--figure_images", "2", "--workers", "1"]
     )
     assert again["seeds"][0]["metrics"] == metrics
-

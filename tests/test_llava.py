@@ -20,12 +20,11 @@ from transformers import (
     LlavaProcessor,
 )
 
-from hf_clip_aft.release.export import export_clip, private_strings
-from hf_clip_aft.modeling import quiet_transformers
-from hf_clip_aft.release.llava import save_llava, swap_llava_vision_tower, validate_llava_folder, vision_tower_state
-from hf_clip_aft.release.card import render_llava_card
 from hf_clip_aft.model_configs import clip_config
-
+from hf_clip_aft.modeling import quiet_transformers
+from hf_clip_aft.release.card import render_llava_card
+from hf_clip_aft.release.export import export_clip, private_strings
+from hf_clip_aft.release.llava import save_llava, swap_llava_vision_tower, validate_llava_folder, vision_tower_state
 from test_export import TINY, fine_tuned_tower
 from test_hub import FakeHfApi, load_recipe
 from tiny_llava import IMAGE_TOKEN, NUM_PATCHES, tiny_llava_config

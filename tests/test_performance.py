@@ -25,8 +25,15 @@ class RefuseHostSyncs(TorchFunctionMode):
 
 
 def attack_settings(norm: str) -> SimpleNamespace:
-    return SimpleNamespace(attack_eps=64.0 if norm == "l2" else 4.0, attack_step_size=1.0, attack_steps=3,
-                           attack_eta=1.0, noise_sigma=1.0, attack_norm=norm, attack_group_size=16)
+    return SimpleNamespace(
+        attack_eps=64.0 if norm == "l2" else 4.0,
+        attack_step_size=1.0,
+        attack_steps=3,
+        attack_eta=1.0,
+        noise_sigma=1.0,
+        attack_norm=norm,
+        attack_group_size=16,
+    )
 
 
 @pytest.fixture
@@ -106,8 +113,7 @@ def test_activation_checkpointing_trains_the_same_with_a_frozen_attack(tmp_path,
         trainer.train()
         trainers.append(trainer)
     assert trainers[1].model.is_activation_checkpointing
-    assert trainers[1].state.log_history[0]["loss"] == pytest.approx(trainers[0].state.log_history[0]["loss"],
-                                                                     rel=1e-5)
+    assert trainers[1].state.log_history[0]["loss"] == pytest.approx(trainers[0].state.log_history[0]["loss"], rel=1e-5)
     assert_same_weights(vision_state(trainers[0]), vision_state(trainers[1]), atol=1e-6)
 
 

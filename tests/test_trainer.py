@@ -43,7 +43,11 @@ def assert_same_weights(a, b, atol=1e-6):
 
 
 def test_zero_budget_gives_zero_loss_at_initialisation(tmp_path, tiny_clip_path, photos_dataset):
-    trainer = AFTTrainer(tiny_clip_path, args=make_args(tmp_path, attack_eps=0.0, allow_no_op=True, max_steps=1), train_dataset=photos_dataset)
+    trainer = AFTTrainer(
+        tiny_clip_path,
+        args=make_args(tmp_path, attack_eps=0.0, allow_no_op=True, max_steps=1),
+        train_dataset=photos_dataset,
+    )
     trainer.train()
     first = trainer.state.log_history[0]
     assert first["loss"] == 0.0 and first["attack_loss"] == 0.0
@@ -66,8 +70,12 @@ def test_training_moves_the_vision_tower_and_logs_metrics(tmp_path, tiny_clip_pa
 
 
 def test_evaluate_reports_the_metrics_under_eval_names(tmp_path, tiny_clip_path, photos_dataset):
-    trainer = AFTTrainer(tiny_clip_path, args=make_args(tmp_path, per_device_eval_batch_size=4),
-                         train_dataset=photos_dataset, eval_dataset=photos_dataset)
+    trainer = AFTTrainer(
+        tiny_clip_path,
+        args=make_args(tmp_path, per_device_eval_batch_size=4),
+        train_dataset=photos_dataset,
+        eval_dataset=photos_dataset,
+    )
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] > 0 and metrics["eval_loss"] == pytest.approx(metrics["eval_attack_loss"], rel=1e-2)
     assert metrics["eval_cos_sim_adv"] < metrics["eval_cos_sim_clean"] == pytest.approx(1.0)
@@ -78,8 +86,11 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path, tiny_clip_path,
     # One attack step without noise: the random start of 2 micro-batches of 2 draws the same numbers as one of 4.
     # Plain SGD: Adam would blow the float noise of the (mathematically zero) key-bias gradients up to ±lr.
     common = dict(max_steps=1, attack_steps=1, noise_sigma=0.0, clean_weight=0.5, optim="sgd", weight_decay=0.0)
-    large = AFTTrainer(tiny_clip_path, args=make_args(tmp_path / "a", per_device_train_batch_size=4, **common),
-                       train_dataset=photos_dataset)
+    large = AFTTrainer(
+        tiny_clip_path,
+        args=make_args(tmp_path / "a", per_device_train_batch_size=4, **common),
+        train_dataset=photos_dataset,
+    )
     large.train()
     accumulated = AFTTrainer(
         tiny_clip_path,
@@ -115,8 +126,9 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path, tiny_clip_path, photos
 
 def test_lora_changes_only_adapters_and_keeps_the_reference(tmp_path, tiny_clip_path, photos_dataset):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    trainer = AFTTrainer(tiny_clip_path, args=make_args(tmp_path, max_steps=3), train_dataset=photos_dataset,
-                         peft_config=lora)
+    trainer = AFTTrainer(
+        tiny_clip_path, args=make_args(tmp_path, max_steps=3), train_dataset=photos_dataset, peft_config=lora
+    )
     assert trainer.ref_model is None  # the reference is the same model with adapters disabled
     pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     ref_before = trainer.reference_embeds(trainer.model, pixels)
@@ -178,8 +190,9 @@ def test_model_instances_are_accepted(tmp_path, tiny_clip, tiny_clip_path, photo
             pixel_values=(pixels - torch.tensor(trainer.image_processor.image_mean).view(1, 3, 1, 1))
             / torch.tensor(trainer.image_processor.image_std).view(1, 3, 1, 1)
         ).pooler_output
-    torch.testing.assert_close(trainer.reference_embeds(trainer.model, pixels),
-                               torch.nn.functional.normalize(expected, dim=-1))
+    torch.testing.assert_close(
+        trainer.reference_embeds(trainer.model, pixels), torch.nn.functional.normalize(expected, dim=-1)
+    )
     with pytest.raises(TypeError, match="CLIPModel or a CLIPVisionModelWithProjection"):
         AFTTrainer(torch.nn.Linear(2, 2), args=make_args(tmp_path))
 

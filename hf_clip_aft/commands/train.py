@@ -85,7 +85,9 @@ class MonitorArguments:
     monitor_split: str = field(default="validation", metadata={"help": "Split of the held-out dataset."})
     monitor_mask_column: str | None = field(
         default=None,
-        metadata={"help": "Object-mask column (localisation metrics); default: an Image column named mask/segmentation."},
+        metadata={
+            "help": "Object-mask column (localisation metrics); default: an Image column named mask/segmentation."
+        },
     )
     monitor_method: str = field(default="simple_gradient", metadata={"help": "Map method (a registered name)."})
     monitor_max_images: int = field(default=64, metadata={"help": "Held-out images measured (the first ones)."})
@@ -120,9 +122,7 @@ class MonitorArguments:
         )
 
 
-def attach_monitor(
-    trainer: AFTTrainer, script_args: ScriptArguments, monitor_args: MonitorArguments, held_out
-) -> None:
+def attach_monitor(trainer: AFTTrainer, script_args: ScriptArguments, monitor_args: MonitorArguments, held_out) -> None:
     """Add a map monitor on `held_out` to `trainer` (zero-shot accuracy too when it has class labels and the
     checkpoint a text tower)."""
     from transformers import CLIPModel

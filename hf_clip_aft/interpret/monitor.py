@@ -323,8 +323,11 @@ class MapMonitorCallback(TrainerCallback):
         if args.metric_for_best_model:
             name = args.metric_for_best_model.removeprefix("eval_")
             if name in available and args.greater_is_better != higher_is_better(name):
-                logger.info("metric_for_best_model=%s: greater_is_better set to %s (the metric's direction).",
-                            name, higher_is_better(name))
+                logger.info(
+                    "metric_for_best_model=%s: greater_is_better set to %s (the metric's direction).",
+                    name,
+                    higher_is_better(name),
+                )
                 args.greater_is_better = higher_is_better(name)
 
     def _log(self, values: dict[str, float]) -> dict[str, float]:
@@ -402,4 +405,3 @@ class MapMonitorCallback(TrainerCallback):
             "best": best,
             "warnings": list(self.warnings),
         }
-
