@@ -14,15 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
-from hf_clip_aft.data import images_to_pixels
-from hf_clip_aft.interpret.batches import masks_to_tensor
-
 from finetune import VARIANTS, FinetuneSpec, finetune
 from measure import SURGERY_METHODS, evaluate_tower
 from pretrain import PretrainSpec, TowerSpec, build_tower, class_embeddings, image_processor_for, pretrain
 from scenes import CLASS_NAMES, SceneSpec, make_scenes
+from tqdm.auto import tqdm
+
+from hf_clip_aft.data import images_to_pixels
+from hf_clip_aft.interpret.batches import masks_to_tensor
 
 # First scene index of each evaluation split: far beyond any training index, so the splits never overlap.
 SPLIT_OFFSETS = {"validation": 1_000_000, "test": 2_000_000}

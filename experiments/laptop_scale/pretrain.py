@@ -117,4 +117,3 @@ def pretrain(
         losses.append(loss.item())
     model.eval()
     return losses
-

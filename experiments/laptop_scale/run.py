@@ -38,14 +38,14 @@ import transformers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from hf_clip_aft.interpret import saliency_grid  # noqa: E402
-
 from experiment import ExperimentConfig, SeedResult, run_seed  # noqa: E402
 from finetune import VARIANT_DESCRIPTIONS, VARIANTS, FinetuneSpec  # noqa: E402
 from measure import DENSE_METRIC_NAMES, HIGHER_IS_BETTER, METRIC_NAMES, PRIMARY_METRIC, SURGERY_METHODS  # noqa: E402
 from pretrain import PretrainSpec, TowerSpec  # noqa: E402
 from scenes import CLASS_NAMES, SceneSpec  # noqa: E402
 from search import STAGES  # noqa: E402
+
+from hf_clip_aft.interpret import saliency_grid  # noqa: E402
 
 FIGURE_NAME = "saliency_base_vs_aft.png"
 SURGERY_FIGURE_NAME = "surgery_2x2.png"

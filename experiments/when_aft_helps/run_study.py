@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from study import EPSILONS, LEARNING_RATES, SMOKE_SPEC, SMOKE_WORLD, WORLD_DIALS, WORLDS, StudySpec, run_job
 
+from hf_clip_aft.files import atomic_write, write_text_atomic
 from hf_clip_aft.interpret.monitor import MonitorSettings
 
 FIGURE_NAME = "delta_epg.png"
@@ -263,29 +263,8 @@ def write_figure(rows: list[dict[str, Any]], path: str) -> None:
     axes[1].legend(handles=handles, fontsize=8, loc="best")
     fig.suptitle(f"When does AFT help? Each point one (world, seed, lr, ε); grey band: |ΔEPG| ≤ {NEUTRAL_BAND}")
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-
-
-def _atomic(path: str, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto `path` (never a half-written file)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_text(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic(path, write)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -324,8 +303,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "workers": args.workers},
         "seconds_this_call": time.perf_counter() - start,
     }
-    _write_text(os.path.join(args.output, "results.json"), json.dumps(report, indent=1) + "\n")
-    _write_text(os.path.join(args.output, "table.md"), table_markdown(summary))
+    write_text_atomic(os.path.join(args.output, "results.json"), json.dumps(report, indent=1) + "\n")
+    write_text_atomic(os.path.join(args.output, "table.md"), table_markdown(summary))
     if not args.no_figure:
         write_figure(rows, os.path.join(args.output, FIGURE_NAME))
     print(table_markdown(summary))
