@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection, TrainerCallback
+from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection, TrainerCallback
 from transformers.utils import logging as transformers_logging
 
 from hf_clip_aft import AFTConfig, AFTTrainer, adversarial_perturbation
@@ -232,7 +232,7 @@ def run_setting(setting: Setting, measure: str) -> dict:
     device = torch.device(setting.device)
     vision = build_vision_tower(setting.model, setting.attn_implementation, setting.seed)
     size = vision.config.image_size
-    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter, torch.no_grad():
         vision(pixel_values=torch.zeros(1, 3, size, size))
     forward_flops = counter.get_total_flops()

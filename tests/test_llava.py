@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoTokenizer,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPModel,
     CLIPVisionModel,
     CLIPVisionModelWithProjection,
@@ -54,7 +54,7 @@ def llava_checkpoint(tmp_path_factory):
     legacy = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in weights.items()}
     assert legacy != weights
     save_file(legacy, folder / "model.safetensors", metadata={"format": "pt"})
-    image_processor = CLIPImageProcessor.from_pretrained(TINY)
+    image_processor = CLIPImageProcessorPil.from_pretrained(TINY)
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(TINY), patch_size=16,
         vision_feature_select_strategy="default",
@@ -143,10 +143,10 @@ def test_mismatched_swap_raises_a_clear_error(aft_export):
 
 
 def test_export_loads_as_the_original_llava_code_loads_its_tower(trained, aft_export):
-    # LLaVA's CLIPVisionTower: CLIPImageProcessor.from_pretrained(name) and CLIPVisionModel.from_pretrained(name),
-    # then the hidden states of layer −2 (mm_vision_select_layer).
+    # LLaVA's CLIPVisionTower: CLIPImageProcessor.from_pretrained(name) (its PIL backend here) and
+    # CLIPVisionModel.from_pretrained(name), then the hidden states of layer −2 (mm_vision_select_layer).
     assert json.loads((aft_export / "preprocessor_config.json").read_text())["crop_size"] == {"height": 64, "width": 64}
-    image_processor = CLIPImageProcessor.from_pretrained(aft_export)
+    image_processor = CLIPImageProcessorPil.from_pretrained(aft_export)
     with quiet_transformers():
         tower, info = CLIPVisionModel.from_pretrained(aft_export, output_loading_info=True)
     assert not info["missing_keys"]

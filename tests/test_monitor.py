@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import CLIPImageProcessor, TrainerCallback
+from transformers import CLIPImageProcessorPil, TrainerCallback
 
 from hf_clip_aft import AFTConfig, AFTTrainer
 from hf_clip_aft.interpret.monitor import (
@@ -100,7 +100,7 @@ def monitored_trainer(tmp_path, tiny_clip_path, scenes, settings=None, mask_colu
     trainer = AFTTrainer(
         tiny_clip_path, args=make_args(tmp_path, **overrides), train_dataset=train, eval_dataset=held_out
     )
-    processor = CLIPImageProcessor.from_pretrained(tiny_clip_path)
+    processor = CLIPImageProcessorPil.from_pretrained(tiny_clip_path)
     settings = settings or MonitorSettings(batch_size=8)
     monitor = MapMonitor.from_dataset(trainer.model, held_out, processor, mask_column=mask_column, settings=settings)
     callback = MapMonitorCallback(trainer, monitor)

@@ -2,7 +2,7 @@
 
 from transformers import (
     AutoTokenizer,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -34,7 +34,7 @@ def tiny_llava_with_processor(
     tokenizer = AutoTokenizer.from_pretrained(clip_path)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor.from_pretrained(clip_path), tokenizer=tokenizer, patch_size=16,
+        image_processor=CLIPImageProcessorPil.from_pretrained(clip_path), tokenizer=tokenizer, patch_size=16,
         vision_feature_select_strategy="default", num_additional_image_tokens=1,  # CLS, as llava-hf processors
     )  # fmt: skip
     config = tiny_llava_config(vocab_size=len(tokenizer), image_token=processor.image_token_id)

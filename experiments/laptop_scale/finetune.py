@@ -20,7 +20,7 @@ from typing import Any
 
 import datasets
 import torch
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection, PrinterCallback, TrainerCallback
+from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection, PrinterCallback, TrainerCallback
 
 from hf_clip_aft import AFTConfig, AFTTrainer
 from hf_clip_aft.data import AFTDataCollator
@@ -81,7 +81,7 @@ def attack_settings(variant: str, spec: FinetuneSpec) -> dict[str, Any]:
 class _RecordingCollator(AFTDataCollator):
     """The trainer's collator, also recording a fingerprint of every batch (to check the data order is shared)."""
 
-    def __init__(self, image_processor: CLIPImageProcessor) -> None:
+    def __init__(self, image_processor: CLIPImageProcessorPil) -> None:
         super().__init__(image_processor)
         self.fingerprints: list[float] = []
 
@@ -101,7 +101,7 @@ class FinetuneResult:
 
 def finetune(
     base: CLIPVisionModelWithProjection,
-    image_processor: CLIPImageProcessor,
+    image_processor: CLIPImageProcessorPil,
     train_images: datasets.Dataset,
     variant: str,
     spec: FinetuneSpec,

@@ -27,7 +27,7 @@ from functools import partial
 from types import SimpleNamespace
 
 import torch
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
 from hf_clip_aft.attack import adversarial_perturbation
 from hf_clip_aft.interpret import (
@@ -80,7 +80,7 @@ def attacked_embeddings(
 
 def evaluate_tower(
     model: CLIPVisionModelWithProjection,
-    image_processor: CLIPImageProcessor,
+    image_processor: CLIPImageProcessorPil,
     pixels: torch.Tensor,
     masks: torch.Tensor,
     labels: torch.Tensor,

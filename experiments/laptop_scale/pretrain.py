@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from hf_clip_aft.modeling import embed_fn
 
@@ -60,9 +60,11 @@ def build_tower(spec: TowerSpec, seed: int) -> CLIPVisionModelWithProjection:
     return CLIPVisionModelWithProjection(config)
 
 
-def image_processor_for(image_size: int) -> CLIPImageProcessor:
+def image_processor_for(image_size: int) -> CLIPImageProcessorPil:
     """A CLIP image processor (OpenAI mean/std) that keeps `image_size`-pixel square images as they are."""
-    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
 
 
 def class_embeddings(num_classes: int, dim: int, seed: int) -> torch.Tensor:
@@ -88,7 +90,7 @@ def dihedral_augment(pixels: torch.Tensor, generator: torch.Generator) -> torch.
 
 def pretrain(
     model: CLIPVisionModelWithProjection,
-    image_processor: CLIPImageProcessor,
+    image_processor: CLIPImageProcessorPil,
     pixels: torch.Tensor,
     labels: torch.Tensor,
     class_embeds: torch.Tensor,
