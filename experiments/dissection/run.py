@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import transformers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -82,13 +83,18 @@ class DissectionSettings:
     summary: str = "cls"
     null_units: int = 1000
     batch_size: int = 100
+    mask_size: int = 24  # side of the concept masks (pixels); each unit's 4 x 4 map is upsampled to it
 
 
-def probe_set(config, seed: int, size: int, processor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The seed's first `size` test scenes: pixels ``(N, 3, H, W)`` in [0, 1], object masks ``(N, H, W)`` and
-    class labels ``(N,)`` (the processor keeps the scenes' size, so masks and pixels align)."""
+def probe_set(
+    config, seed: int, size: int, processor, mask_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The seed's first `size` test scenes: pixels ``(N, 3, H, W)`` in [0, 1], object masks ``(N, S, S)`` at
+    ``S = mask_size`` (the share of object in each cell at least one half) and class labels ``(N,)`` (the processor
+    keeps the scenes' size, so masks and pixels align)."""
     scenes = make_scenes(seed, size, config.scenes, start=SPLIT_OFFSETS["test"])
-    masks = torch.from_numpy(np.stack([np.asarray(m) > 0 for m in scenes["mask"]]))
+    masks = torch.from_numpy(np.stack([np.asarray(m) > 0 for m in scenes["mask"]])).float()
+    masks = F.interpolate(masks[:, None], size=(mask_size, mask_size), mode="area")[:, 0] >= 0.5
     return images_to_pixels(scenes["image"], processor), masks, torch.tensor(scenes["label"])
 
 
@@ -131,7 +137,7 @@ def dissect_tower(
         layers=list(settings.layers),
         summary=settings.summary,
         null_units=settings.null_units,
-        mask_size=pixels.shape[-1],
+        mask_size=settings.mask_size,
         seed=seed,
         figure_images=1,
     )
@@ -160,7 +166,7 @@ def run_seed(config, seed: int, settings: DissectionSettings, towers_dir: str | 
     towers, tower_seconds = seed_towers(config, seed, VARIANTS, towers_dir, threads)
     clock = time.perf_counter()
     processor = image_processor_for(config.scenes.image_size)
-    pixels, masks, labels = probe_set(config, seed, settings.probe_size, processor)
+    pixels, masks, labels = probe_set(config, seed, settings.probe_size, processor, settings.mask_size)
     class_vectors = class_embeddings(len(CLASS_NAMES), config.tower.projection_dim, seed)
     base_embeds = torch.cat(
         [
@@ -173,13 +179,15 @@ def run_seed(config, seed: int, settings: DissectionSettings, towers_dir: str | 
         "class_vectors": (image_concept_similarity(base_embeds, class_vectors), list(CLASS_NAMES)),
     }
     label_maps = concept_label_maps(masks, labels)
-    records = {
-        name: dissect_tower(model, processor, pixels, image_concept, label_maps, settings, seed)
-        for name, model in towers.items()
-    }
     identical = all(
         torch.equal(value, towers["base"].state_dict()[key]) for key, value in towers["clean"].state_dict().items()
     )
+    records = {}
+    for name, model in towers.items():
+        if name == "clean" and identical:  # the no-op control: same weights, so the base's dissection exactly
+            records[name] = records["base"]
+        else:
+            records[name] = dissect_tower(model, processor, pixels, image_concept, label_maps, settings, seed)
     return {
         "seed": seed,
         "records": records,
@@ -295,7 +303,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"--probe_size={args.probe_size} must be at least 2 scenes.")
     config = SMOKE_CONFIG if args.smoke else FINAL_CONFIG
     layers = tuple(range(config.tower.layers))
-    settings = DissectionSettings(probe_size=args.probe_size, layers=layers, null_units=100 if args.smoke else 1000)
+    settings = DissectionSettings(
+        probe_size=args.probe_size,
+        layers=layers,
+        null_units=100 if args.smoke else 1000,
+        mask_size=8 if args.smoke else 24,
+    )
 
     start = time.perf_counter()
     jobs = [(config, seed, settings, args.towers, args.threads) for seed in args.seeds]
