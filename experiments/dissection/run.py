@@ -168,12 +168,19 @@ def run_seed(config, seed: int, settings: DissectionSettings, towers_dir: str | 
     processor = image_processor_for(config.scenes.image_size)
     pixels, masks, labels = probe_set(config, seed, settings.probe_size, processor, settings.mask_size)
     class_vectors = class_embeddings(len(CLASS_NAMES), config.tower.projection_dim, seed)
-    base_embeds = torch.cat(
-        [
-            unit_tokens(towers["base"], pixels[i : i + settings.batch_size], processor, [0], "mlp")[1]
-            for i in range(0, len(pixels), settings.batch_size)
-        ]
-    )
+
+    def embeds(model) -> torch.Tensor:
+        batches = range(0, len(pixels), settings.batch_size)
+        return torch.cat(
+            [unit_tokens(model, pixels[i : i + settings.batch_size], processor, [0], "mlp")[1] for i in batches]
+        )
+
+    tower_embeds = {name: embeds(model) for name, model in towers.items()}
+    # Zero-shot accuracy on the probe scenes: checks that these are the laptop experiment's towers.
+    accuracy = {
+        name: ((e @ class_vectors.T).argmax(dim=1) == labels).double().mean().item() for name, e in tower_embeds.items()
+    }
+    base_embeds = tower_embeds["base"]
     image_concept = {
         "ground_truth": (ground_truth_concepts(labels), list(GROUND_TRUTH_CONCEPTS)),
         "class_vectors": (image_concept_similarity(base_embeds, class_vectors), list(CLASS_NAMES)),
@@ -192,6 +199,7 @@ def run_seed(config, seed: int, settings: DissectionSettings, towers_dir: str | 
         "seed": seed,
         "records": records,
         "clean_weights_equal_base": identical,
+        "probe_accuracy": accuracy,
         "seconds": {**tower_seconds, "dissection": time.perf_counter() - clock},
     }
 
@@ -244,6 +252,12 @@ def table_markdown(summary: list[dict[str, Any]], results: list[dict[str, Any]])
     too); then the concepts the units take."""
     seeds = [r["seed"] for r in results]
     lines = [f"Mean ± std over seeds {seeds}; Δ = AFT − a control (per seed in brackets).", ""]
+    models = list(results[0]["probe_accuracy"])
+    lines += ["Zero-shot accuracy on the probe scenes (checks the towers; chance 1/6):", ""]
+    lines += ["| seed | " + " | ".join(f"`{m}`" for m in models) + " |", "|" + "---|" * (len(models) + 1)]
+    for r in results:
+        lines.append(f"| {r['seed']} | " + " | ".join(f"{r['probe_accuracy'][m]:.3f}" for m in models) + " |")
+    lines.append("")
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for entry in summary:
         groups.setdefault((entry["method"], entry["unit_kind"]), []).append(entry)
