@@ -58,7 +58,7 @@ def test_smoke_run_writes_results_and_figure(tmp_path):
             assert 0 <= summary["accuracy"] <= 1
             for name in run.MAP_SETTINGS:
                 assert all(0 <= summary["maps"][name][m] <= 1 for m in run.MAP_METRICS)
-        assert len(results["per_image"][f"{side}/base"]) == run.SMOKE_SPEC.eval_size
+        assert len(results["per_image"][f"{side}/aft"]) == run.SMOKE_SPEC.eval_size
     # The second run finds the towers in the cache.
     again = run.main([*args, "--tower_cache", str(tmp_path / "cache")])
     assert again["towers_from_cache"] and again["summary"] == results["summary"]

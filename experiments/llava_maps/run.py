@@ -68,7 +68,11 @@ MAP_SETTINGS = {  # name -> llava_relevance options
 }
 MAP_METRICS = ("pointing_game", "energy_pointing_game", "top_k_iou")
 TOWERS = ("base", "aft")
-LANGUAGE_SIDES = ("trained", "random")
+# "trained": trained on the base tower's features, then shared by both towers (the tower is swapped, as for a real
+# LLaVA); "random": untrained (seeded); "own": each tower with a language side trained on its own features (for the
+# base tower that is "trained"; for the AFT tower a second training from the same start, data and steps).
+LANGUAGE_SIDES = ("trained", "random", "own")
+FIGURE_COLUMNS = {"base": ("trained", "base"), "AFT": ("trained", "aft"), "AFT, own LM": ("own", "aft")}
 DEFAULT_FIGURE = os.path.join(os.path.dirname(os.path.dirname(HERE)), "docs", "llava_maps_laptop_scale.png")
 
 
@@ -239,10 +243,12 @@ def paired_differences(base_rows: list[dict], aft_rows: list[dict]) -> dict:
 
 
 def write_figure(pixels: torch.Tensor, maps: dict, titles: list[str], path: str) -> None:
-    """Rows: test scenes; columns: image, then base | AFT for the trained language side's attention and relevancy."""
-    shown = ("attention", "relevancy")
-    grid = {(name, tower): maps[tower][name] for name in shown for tower in TOWERS}
-    atomic_write(path, lambda p: saliency_grid(pixels, grid, list(TOWERS), list(shown), p, cell=96, titles=titles))
+    """Rows: test scenes; columns: image, then the :data:`FIGURE_COLUMNS` LLaVAs' attention, then their relevancy.
+
+    `maps`: ``(language side, tower) -> map setting -> (N, rows, columns)``."""
+    shown, labels = {"LLaVA attention": "attention", "LLaVA relevancy": "relevancy"}, list(FIGURE_COLUMNS)
+    grid = {(title, label): maps[FIGURE_COLUMNS[label]][name] for title, name in shown.items() for label in labels}
+    atomic_write(path, lambda p: saliency_grid(pixels, grid, labels, list(shown), p, cell=128, titles=titles))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -271,20 +277,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     clock = time.perf_counter()
     llavas = {("random", "base"): build_llava(towers.base, processor, spec, args.seed)}
+    llavas["own", "aft"] = swap_llava_vision_tower(copy.deepcopy(llavas["random", "base"]), towers.aft)
     llavas["trained", "base"] = copy.deepcopy(llavas["random", "base"])
     shapes = torch.tensor(train["label"]) % len(SHAPES)
     images = [image.convert("RGB") for image in train["image"]]
-    losses = train_language_side(llavas["trained", "base"], processor, images, shapes, spec, args.seed)
+    losses = {tower: train_language_side(llavas[side, tower], processor, images, shapes, spec, args.seed)
+              for side, tower in (("trained", "base"), ("own", "aft"))}  # fmt: skip
     seconds["train_language_side"] = time.perf_counter() - clock
-    for side in LANGUAGE_SIDES:
+    for side in ("trained", "random"):
         # Same language side, AFT tower: only the tower's weights differ.
         llavas[side, "aft"] = swap_llava_vision_tower(copy.deepcopy(llavas[side, "base"]), towers.aft)
 
     clock = time.perf_counter()
     rows, maps = {}, {}
     for side, tower in tqdm(llavas, desc="explaining", leave=False):
-        keep = spec.figure_images if side == "trained" else 0
+        keep = spec.figure_images if (side, tower) in FIGURE_COLUMNS.values() else 0
         rows[side, tower], maps[side, tower] = explain_scenes(llavas[side, tower], processor, test, keep)
+    rows["own", "base"] = rows["trained", "base"]  # the base tower's own language side is the trained one
     seconds["explain"] = time.perf_counter() - clock
 
     masks = np.stack([np.asarray(m) > 0 for m in test["mask"]])
@@ -298,11 +307,14 @@ def main(argv: list[str] | None = None) -> dict:
         "tower_pretrain_final_loss": towers.pretrain_final_loss,
         "tower_build_seconds": towers.seconds,
         "towers_from_cache": towers.world is None,
-        "language_side_loss": {"first_10": float(np.mean(losses[:10])), "last_50": float(np.mean(losses[-50:]))},
+        "language_side_loss": {  # nats per supervised token (shape word and end token), trained on each tower
+            tower: {"first_10": float(np.mean(curve[:10])), "last_50": float(np.mean(curve[-50:]))}
+            for tower, curve in losses.items()
+        },
         "mask_share": float(masks.mean()),
         "summary": {side: {tower: summarise(rows[side, tower]) for tower in TOWERS} for side in LANGUAGE_SIDES},
         "aft_minus_base": {side: paired_differences(rows[side, "base"], rows[side, "aft"]) for side in LANGUAGE_SIDES},
-        "per_image": {f"{side}/{tower}": rows[side, tower] for side, tower in rows},
+        "per_image": {f"{side}/{tower}": rows[side, tower] for side, tower in llavas},
         "seconds": seconds,
         "environment": {
             "python": platform.python_version(),
@@ -314,11 +326,12 @@ def main(argv: list[str] | None = None) -> dict:
     shown = spec.figure_images
     figure_images = [image.convert("RGB") for image in list(test["image"])[:shown]]
     pixels = torch.from_numpy(np.stack([np.asarray(i) for i in figure_images])).permute(0, 3, 1, 2).float() / 255
-    titles = [f"{r['shape']}: {r['answer'] or '-'}|{a['answer'] or '-'}"
-              for r, a in zip(rows["trained", "base"][:shown], rows["trained", "aft"][:shown])]  # fmt: skip
+    # Row titles: the true shape, then each column's answer, all shortened to 3 letters to fit under the image.
+    answers = [[row["answer"][:3] or "-" for row in rows[key][:shown]] for key in FIGURE_COLUMNS.values()]
+    titles = [f"{r['shape'][:3]}: " + " ".join(a) for r, a in zip(rows["trained", "base"], zip(*answers))]
     os.makedirs(args.output, exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.figure)), exist_ok=True)
-    write_figure(pixels, {tower: maps["trained", tower] for tower in TOWERS}, titles, args.figure)
+    write_figure(pixels, maps, titles, args.figure)
     seconds["total"] = time.perf_counter() - start
     write_json_atomic(os.path.join(args.output, "results.json"), results)
     print(report_markdown(results))
