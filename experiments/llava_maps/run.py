@@ -7,11 +7,13 @@
 2. A tiny `LlavaForConditionalGeneration` built from configs: the base tower as its vision tower (config taken from
    the tower), a word-level tokenizer, a 2-layer Llama. Only the projector and the language model are trained, on
    the laptop-scale training scenes, to answer "What shape is this?" with the shape word (disc, square, triangle).
-   A copy of the untrained LLaVA is kept as the random-language-side control.
+   A copy of the untrained LLaVA is kept as the random-language-side control, and a second copy with the AFT tower
+   is trained the same way (the AFT tower's "own" language side).
 3. The AFT LLaVA: the same language side with the AFT tower put in by `hf_clip_aft.swap_llava_vision_tower`.
-4. `hf_clip_aft.interpret.llava_relevance` on held-out test scenes with their object masks, for both towers (and
-   both language sides): answer accuracy, and the localisation metrics of the first answer token's map (the shape
-   word) with every map method: pointing game, energy pointing game, top-20 % IoU, means over images.
+4. `hf_clip_aft.interpret.llava_relevance` on held-out test scenes with their object masks, for both towers (with
+   the trained, own and random language sides): answer accuracy, and the localisation metrics of the first answer
+   token's map (the shape word) with every map setting: pointing game, energy pointing game, top-20 % IoU, means
+   over images.
 
 Writes ``results.json`` into ``--output`` and the figure ``--figure`` (default docs/llava_maps_laptop_scale.png).
 ``--smoke`` runs the same pipeline at toy sizes in seconds (tests/test_llava_maps_experiment.py); its numbers mean
