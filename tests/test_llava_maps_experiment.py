@@ -14,7 +14,7 @@ _spec = importlib.util.spec_from_file_location("llava_maps_run", EXPERIMENT / "r
 run = importlib.util.module_from_spec(_spec)
 sys.modules["llava_maps_run"] = run  # dataclasses look their module up there
 _spec.loader.exec_module(run)
-towers = sys.modules["towers"]
+towers = sys.modules["llava_towers"]
 pretrain = sys.modules["pretrain"]
 
 

@@ -50,9 +50,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "laptop_scale")]
 
 from experiment import SPLIT_OFFSETS  # noqa: E402  (from experiments/laptop_scale)
+from llava_towers import load_or_build_towers, tower_config  # noqa: E402
 from pretrain import image_processor_for  # noqa: E402
 from scenes import SHAPES, make_scenes  # noqa: E402
-from towers import load_or_build_towers, tower_config  # noqa: E402
 
 from hf_clip_aft import swap_llava_vision_tower  # noqa: E402
 from hf_clip_aft.files import atomic_write, write_json_atomic  # noqa: E402

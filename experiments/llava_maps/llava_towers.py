@@ -94,7 +94,7 @@ def load_or_build_towers(config: ExperimentConfig, seed: int, cache_dir: str | N
 
 
 if __name__ == "__main__":
-    # python experiments/llava_maps/towers.py CACHE_DIR [SEED]: build (or find) the towers ahead of run.py.
+    # python experiments/llava_maps/llava_towers.py CACHE_DIR [SEED]: build (or find) the towers ahead of run.py.
     torch.set_num_threads(1)
     built = load_or_build_towers(tower_config(), int(sys.argv[2]) if len(sys.argv) > 2 else 0, sys.argv[1])
     print(json.dumps({"seconds": built.seconds, "pretrain_final_loss": built.pretrain_final_loss}))
