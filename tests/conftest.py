@@ -43,3 +43,17 @@ def tiny_vision() -> CLIPVisionModelWithProjection:
     torch.manual_seed(0)
     config = clip_config("tiny").vision_config
     return CLIPVisionModelWithProjection(config).eval()
+
+
+@pytest.fixture(scope="session")
+def aft_stand_in(tmp_path_factory) -> str:
+    """A saved copy of tiny-clip with perturbed vision weights (seeded), standing in for an AFT model."""
+    path = tmp_path_factory.mktemp("models") / "tiny-clip-aft"
+    torch.manual_seed(1)
+    model = CLIPModel.from_pretrained(TINY_CLIP)
+    with torch.no_grad():
+        for parameter in model.vision_model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    model.save_pretrained(path)
+    CLIPProcessor.from_pretrained(TINY_CLIP).save_pretrained(path)
+    return str(path)

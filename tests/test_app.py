@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import BertConfig, CLIPModel, CLIPProcessor
+from transformers import BertConfig
 
 from conftest import PHOTOS, TINY_CLIP
 from hf_clip_aft.app import comparison as app
@@ -31,20 +31,13 @@ FAST_METHODS = ["simple_gradient", "gradcam"]  # cheap on the tiny model; the re
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, str]:
+def models(tmp_path_factory, aft_stand_in) -> dict[str, str]:
     """The tiny CLIP, a copy with perturbed vision weights (an "AFT" stand-in), and a folder holding a BERT config."""
     folder = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    model = CLIPModel.from_pretrained(TINY_CLIP)
-    with torch.no_grad():
-        for parameter in model.vision_model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    model.save_pretrained(folder / "tiny-clip-aft")
-    CLIPProcessor.from_pretrained(TINY_CLIP).save_pretrained(folder / "tiny-clip-aft")
     BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(
         folder / "bert"
     )
-    return {"base": TINY_CLIP, "aft": str(folder / "tiny-clip-aft"), "bert": str(folder / "bert")}
+    return {"base": TINY_CLIP, "aft": aft_stand_in, "bert": str(folder / "bert")}
 
 
 @pytest.fixture(scope="module")

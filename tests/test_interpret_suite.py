@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPModel, CLIPProcessor
 
 from hf_clip_aft.interpret import evaluate_module_path
 from hf_clip_aft.interpret import suite as suite_module
@@ -28,17 +27,9 @@ CHEAP = dict(smoothgrad_samples=2, ig_steps=2, faithfulness_steps=4, batch_size=
 
 
 @pytest.fixture(scope="module")
-def second_model(tmp_path_factory):
-    """A copy of tiny-clip with perturbed vision weights, standing in for the trained AFT demo model."""
-    path = tmp_path_factory.mktemp("models") / "tiny-clip-perturbed"
-    torch.manual_seed(1)
-    model = CLIPModel.from_pretrained(TINY)
-    with torch.no_grad():
-        for parameter in model.vision_model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    model.save_pretrained(path)
-    CLIPProcessor.from_pretrained(TINY).save_pretrained(path)
-    return str(path)
+def second_model(aft_stand_in):
+    """tiny-clip with perturbed vision weights, standing in for the trained AFT demo model."""
+    return aft_stand_in
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from hf_clip_aft.interpret.monitor import (
     embedding_spread,
     majority_share,
 )
+from test_trainer import make_args as trainer_args
 
 
 def masked_scenes(count: int, size: int = 64, seed: int = 0) -> datasets.Dataset:
@@ -68,26 +69,9 @@ def test_settings_are_validated():
 
 
 def make_args(tmp_path, **overrides) -> AFTConfig:
-    values = dict(
-        output_dir=str(tmp_path / "out"),
-        use_cpu=True,
-        max_steps=4,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        learning_rate=1e-3,
-        warmup_steps=0,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        eval_strategy="steps",
-        eval_steps=2,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        attack_steps=2,
-        dataloader_num_workers=0,
-    )
-    values.update(overrides)
-    return AFTConfig(**values)
+    """test_trainer's settings, run for 4 steps with an evaluation every 2."""
+    evaluation = dict(max_steps=4, per_device_eval_batch_size=4, eval_strategy="steps", eval_steps=2)
+    return trainer_args(tmp_path, **{**evaluation, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPModel, CLIPProcessor
 
 from hf_clip_aft.cli import run_command
 from hf_clip_aft.data import load_processor
@@ -199,20 +198,6 @@ def segmentation_dataset(tmp_path_factory):
         rows.append(f"{i}.png,{i}_mask.png,{name}")
     (split / "metadata.csv").write_text("\n".join(rows) + "\n")
     return str(root)
-
-
-@pytest.fixture(scope="module")
-def aft_stand_in(tmp_path_factory):
-    """tiny-clip with perturbed vision weights, standing in for an AFT model."""
-    path = tmp_path_factory.mktemp("models") / "tiny-clip-aft"
-    torch.manual_seed(1)
-    model = CLIPModel.from_pretrained(TINY)
-    with torch.no_grad():
-        for parameter in model.vision_model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    model.save_pretrained(path)
-    CLIPProcessor.from_pretrained(TINY).save_pretrained(path)
-    return str(path)
 
 
 def test_evaluate_command_gives_the_gradient_vs_training_free_table(tmp_path, segmentation_dataset, aft_stand_in):
