@@ -641,7 +641,7 @@ class AFTTrainer(Trainer):
             return
         self.hub_model_id = check_push_access(
             self.args.hub_model_id or Path(self.args.output_dir).absolute().name,
-            token=token if token is not None else self.args.hub_token,
+            token=token,
             private=private if private is not None else self.args.hub_private_repo,
         )
         self.push_in_progress = None
@@ -662,7 +662,6 @@ class AFTTrainer(Trainer):
         `card_options`: what the card says beyond the record (:class:`~hf_clip_aft.release.CardOptions`).
         """
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        token = token if token is not None else self.args.hub_token
         if self.hub_model_id is None:
             self.init_hf_repo(token=token, private=private)
         folder = os.path.join(self.args.output_dir, HUB_FOLDER)
@@ -695,7 +694,6 @@ class AFTTrainer(Trainer):
             checkpoint_folder,
             self.hub_model_id,
             "last-checkpoint" if strategy == HubStrategy.CHECKPOINT else Path(checkpoint_folder).name,
-            token=self.args.hub_token,
             revision=self.args.hub_revision,
             commit_message=f"Training in progress, step {self.state.global_step}",
         )
