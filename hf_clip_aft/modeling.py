@@ -106,6 +106,19 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the block with `model` in eval mode (dropout off, as an explanation or attack of the model's function
+    needs), then give every sub-module back the mode it had, mixed modes included."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load reports for a block (skipped text-tower keys are expected, not news)."""
     verbosity = transformers_logging.get_verbosity()
