@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import copy
-import errno
 import logging
 import os
-import shutil
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
@@ -30,8 +27,7 @@ from transformers import (
     TrainerCallback,
 )
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, rotate_checkpoints
-from transformers.utils.hub import PushInProgress
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .attack import ExampleRandomness, adversarial_perturbation
 from .config import AFTConfig
@@ -62,11 +58,17 @@ from .release import (
     TrainingRecord,
     check_push_access,
     export_clip,
-    push_checkpoint,
     push_folder,
     write_card,
 )
-from .release.export import foreign_entries, fsync_dir, fsync_tree
+from .release.checkpoints import (
+    check_output_dir,
+    checkpoint_staging,
+    commit_checkpoint,
+    final_best_checkpoint,
+    push_resumable_checkpoint,
+    remove_partial_checkpoints,
+)
 from .release.hub import check_model_source
 from .release.names import hub_id
 from .release.record import hardware_description
@@ -79,8 +81,6 @@ HUB_FOLDER = "_hub"  # under output_dir: the exact folder push_to_hub exports, v
 
 # The column that ties each train example to its row of the precomputed reference embeddings.
 ROW_COLUMN = "aft_row"
-# A checkpoint is written under this hidden name and renamed to checkpoint-N once complete (see _save_checkpoint).
-PARTIAL_CHECKPOINT_PREFIX = ".partial-"
 
 
 def _load_processor(source: str | None, image_size: int) -> ProcessorMixin | BaseImageProcessor:
@@ -514,13 +514,14 @@ class AFTTrainer(Trainer):
         return self._checkpoint_staging or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
-        """Write ``checkpoint-N`` atomically, so that ``resume_from_checkpoint=true`` (the highest checkpoint-N)
-        only ever finds complete ones.
+        """Write ``checkpoint-N`` atomically (:mod:`hf_clip_aft.release.checkpoints`), so that
+        ``resume_from_checkpoint=true`` (the highest checkpoint-N) only ever finds complete ones.
 
         The Trainer writes everything (weights, optimiser, RNG states of every rank, trainer state) into the hidden
-        ``.partial-checkpoint-N/checkpoint-N``; the main process adds the training record, flushes the files to disk
-        and renames the folder to ``checkpoint-N`` (then rotates and pushes as the Trainer would). A checkpoint of
-        non-finite weights is refused; a failed write (a full disk) leaves no folder behind and says why.
+        ``.partial-checkpoint-N/checkpoint-N``; the main process then adds the training record, rewrites the trainer
+        state with the final ``best_model_checkpoint``, flushes the files to disk and renames the folder to
+        ``checkpoint-N`` (then rotates and pushes as the Trainer would). A checkpoint of non-finite weights is
+        refused; a failed write (a full disk) leaves no folder behind and says why.
         """
         bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p.detach()).all()]
         if bad:
@@ -531,43 +532,18 @@ class AFTTrainer(Trainer):
         self._flush_skipped()  # the total goes into this checkpoint's trainer state
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = os.path.join(run_dir, PARTIAL_CHECKPOINT_PREFIX + name)
-        self._checkpoint_staging = staging
-        try:
-            super()._save_checkpoint(model, trial)
-            self.accelerator.wait_for_everyone()  # every rank's files (RNG state, shards) are in
-            if self.args.should_save:
-                self.training_record().save(os.path.join(staging, name))
-                fsync_tree(staging)
-                final = os.path.join(run_dir, name)
-                if os.path.isdir(final):  # the same step saved again (e.g. at the end of training)
-                    shutil.rmtree(final)
-                os.rename(os.path.join(staging, name), final)
-                fsync_dir(run_dir)
-        except Exception as err:
-            if self.args.should_save:
-                shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(err):
-                raise OSError(
-                    errno.ENOSPC,
-                    f"No space left on the device of {run_dir} while writing {name}: free space there or keep fewer "
-                    "checkpoints (save_total_limit), then resume (resume_from_checkpoint=true) from the last "
-                    f"complete checkpoint. The partial {name} was removed",
-                ) from err
-            raise
-        finally:
-            self._checkpoint_staging = None
-        if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)
-            best = self.state.best_model_checkpoint
-            if best and best.startswith(staging):  # recorded while the folder had its staging name
-                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.relpath(best, staging))
-            rotate_checkpoints(
-                output_dir=run_dir,
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-                use_mtime=True,
-            )
+        with checkpoint_staging(run_dir, name, self.args.should_save) as staging:
+            self._checkpoint_staging = staging
+            try:
+                super()._save_checkpoint(model, trial)
+                self.accelerator.wait_for_everyone()  # every rank's files (RNG state, shards) are in
+                final_best_checkpoint(self.state, staging, run_dir)
+                if self.args.should_save:
+                    commit_checkpoint(
+                        staging, run_dir, name, self.state, self.training_record(), self.args.save_total_limit
+                    )
+            finally:
+                self._checkpoint_staging = None
         if self._pending_checkpoint_push:
             self._pending_checkpoint_push = False
             self._push_from_checkpoint(os.path.join(run_dir, name))
@@ -679,62 +655,20 @@ class AFTTrainer(Trainer):
         )
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Mid-run pushes: the resumable checkpoint, into its own repo sub-folder, for hub_strategy ``checkpoint`` /
-        ``all_checkpoints``; nothing for ``every_save`` / ``end`` (push_to_hub pushes the drop-in model). The
-        Trainer's version would copy the checkpoint's bare tower over the repo root's CLIPModel."""
-        strategy = self.args.hub_strategy
-        if not self.is_world_process_zero() or strategy not in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+        """Mid-run pushes of the resumable checkpoint, once it has its final name (see
+        :func:`~hf_clip_aft.release.checkpoints.push_resumable_checkpoint`). The Trainer's version would copy the
+        checkpoint's bare tower over the repo root's CLIPModel."""
+        if not self.is_world_process_zero():
             return
         if self._checkpoint_staging is not None:  # called by Trainer._save_checkpoint: push once renamed
             self._pending_checkpoint_push = True
             return
-        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
-            return
-        job = push_checkpoint(
+        self.push_in_progress = push_resumable_checkpoint(
             checkpoint_folder,
             self.hub_model_id,
-            "last-checkpoint" if strategy == HubStrategy.CHECKPOINT else Path(checkpoint_folder).name,
+            self.args.hub_strategy,
+            self.state.global_step,
+            self.push_in_progress,
             revision=self.args.hub_revision,
-            commit_message=f"Training in progress, step {self.state.global_step}",
+            always_push=self.args.hub_always_push,
         )
-        if self.push_in_progress is None or self.push_in_progress.is_done():
-            self.push_in_progress = PushInProgress([job])
-        else:
-            self.push_in_progress.jobs.append(job)
-
-
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
-    """Before any compute: `output_dir` must be writable, and hold nothing this library did not write unless
-    `overwrite` (``overwrite_output_dir``), so that a user's own README.md or config.json is never replaced.
-
-    Raises:
-        FileExistsError: `output_dir` holds files of someone else's (named in the message).
-        PermissionError: `output_dir` cannot be created or written to (read-only, or a file in the way).
-    """
-    foreign = foreign_entries(output_dir)
-    if foreign and not overwrite:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise FileExistsError(
-            f"output_dir={str(output_dir)!r} already holds files this library did not write ({shown}), which the "
-            "run's export would replace. Pick a new or empty folder, or pass --overwrite_output_dir true to write "
-            "into it anyway."
-        )
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=output_dir)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as err:
-        raise PermissionError(
-            f"Cannot write to output_dir={str(output_dir)!r} ({err.strerror or err}): pick a writable folder with "
-            "--output_dir."
-        ) from None
-
-
-def remove_partial_checkpoints(output_dir: str | os.PathLike) -> list[str]:
-    """Delete the ``.partial-checkpoint-*`` folders that interrupted checkpoint writes left in `output_dir`."""
-    leftovers = sorted(str(p) for p in Path(output_dir).glob(f"{PARTIAL_CHECKPOINT_PREFIX}{PREFIX_CHECKPOINT_DIR}-*"))
-    for path in leftovers:
-        logger.warning("Removing %s, left by an interrupted checkpoint save.", path)
-        shutil.rmtree(path, ignore_errors=True)
-    return leftovers
