@@ -144,8 +144,15 @@ def with_example_index(dataset: datasets.Dataset | datasets.IterableDataset):
     return dataset.add_column(INDEX_COLUMN, np.arange(len(dataset), dtype=np.int64))
 
 
-def open_image(value: Any) -> Image.Image:
-    """A PIL RGB image from what an image column holds: a PIL image, a ``{"bytes", "path"}`` dict, or a path."""
+def read_image(value: Any) -> Image.Image:
+    """A decoded, upright PIL image in its own mode from what an image column holds: a PIL image, a
+    ``{"bytes", "path"}`` dict, or a path. The package's one way to open an image file (:func:`open_image` converts
+    the result to RGB; masks keep their mode: palette indices, 16-bit values).
+
+    The EXIF orientation is applied; the file is decoded now, so that a truncated file fails here and not later; an
+    image over twice PIL's ``Image.MAX_IMAGE_PIXELS`` (a decompression bomb) raises
+    ``PIL.Image.DecompressionBombError`` before it is decoded.
+    """
     if isinstance(value, Image.Image):
         image = value
     elif isinstance(value, dict) and value.get("bytes") is not None:
@@ -156,8 +163,13 @@ def open_image(value: Any) -> Image.Image:
         image = Image.open(value)
     else:
         raise TypeError(f"Cannot read an image from {type(value).__name__}")
-    image.load()  # decode now, so that a truncated file fails here and not later
-    return to_rgb(image)
+    image.load()
+    return ImageOps.exif_transpose(image)
+
+
+def open_image(value: Any) -> Image.Image:
+    """A PIL RGB image from what an image column holds (:func:`read_image`, then :func:`to_rgb`)."""
+    return to_rgb(read_image(value))
 
 
 # 16-bit integer modes: PIL's convert("RGB") clips their 0-65535 values to 255 (a white image) instead of scaling.
@@ -221,8 +233,12 @@ def check_images_decode(dataset: datasets.Dataset | datasets.IterableDataset, im
 
 
 def images_to_pixels(images: Sequence[Image.Image], image_processor) -> torch.Tensor:
-    """``(B, 3, H, W)`` float32 pixels in [0, 1]: the processor's resize and centre crop, without normalisation."""
-    out = image_processor(images=[im.convert("RGB") for im in images], do_normalize=False, return_tensors="pt")
+    """``(B, 3, H, W)`` float32 pixels in [0, 1]: the processor's resize and centre crop, without normalisation.
+
+    Images in another mode than RGB go through :func:`to_rgb` (16-bit scaled, transparency over white), never PIL's
+    plain ``convert("RGB")``, which clips 16-bit values to white.
+    """
+    out = image_processor(images=[to_rgb(im) for im in images], do_normalize=False, return_tensors="pt")
     return out["pixel_values"].float().clamp_(0, 1)
 
 

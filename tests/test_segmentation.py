@@ -75,16 +75,46 @@ def test_confusion_matrix_by_hand_and_iou_of_absent_classes():
     assert torch.equal(halves, confusion)
 
 
-def test_background_threshold_and_errors():
-    maps = torch.tensor([[0.9, 0.2], [0.1, 0.3]]).view(1, 2, 1, 2)  # class 0: [0.9, 0.2], class 1: [0.1, 0.3]
-    assert segmentation_predictions(maps).tolist() == [[[0, 1]]]
-    assert segmentation_predictions(maps, background_threshold=0.5, background_class=2).tolist() == [[[0, 2]]]
+def _naclip_postprocess(seg_logits: torch.Tensor, prob_thd: float, logit_scale: float = 40.0) -> torch.Tensor:
+    """NACLIP's ``postprocess_result`` (naclip.py, one query per class), image by image, written out."""
+    predictions = []
+    for logits in seg_logits:
+        seg_probs = torch.softmax(logits * logit_scale, dim=0)
+        seg_pred = seg_probs.argmax(0, keepdim=True)
+        seg_pred[seg_probs.max(0, keepdim=True)[0] < prob_thd] = 0
+        predictions.append(seg_pred[0])
+    return torch.stack(predictions)
+
+
+def test_background_threshold_is_the_papers_probability_rule_and_errors():
+    scores = torch.tensor([[0.9, 0.30], [0.1, 0.31]]).view(1, 2, 1, 2)  # class 0: [0.9, 0.30], class 1: [0.1, 0.31]
+    assert segmentation_predictions(scores).tolist() == [[[0, 1]]]
+    # softmax(40 x scores): pixel 1's best class has probability 1 / (1 + e^-0.4) = 0.60.
+    assert segmentation_predictions(scores, background_threshold=0.7, background_class=2).tolist() == [[[0, 2]]]
+    assert segmentation_predictions(scores, background_threshold=0.5, background_class=2).tolist() == [[[0, 1]]]
+    cosines = torch.rand(3, 5, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.2
+    for threshold in (None, 0.1, 0.3):
+        expected = _naclip_postprocess(cosines, threshold or 0.0)
+        assert torch.equal(segmentation_predictions(cosines, threshold), expected)
     with pytest.raises(ValueError, match="outside"):
         confusion_matrix(torch.tensor([[[3]]]), torch.tensor([[[0]]]), 3)
     with pytest.raises(ValueError, match="do not match"):
         confusion_matrix(torch.zeros(1, 2, 2, dtype=torch.long), torch.zeros(1, 2, 3, dtype=torch.long), 3)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         segmentation_predictions(torch.rand(2, 4, 4))
+    with pytest.raises(ValueError, match="probability"):
+        segmentation_predictions(scores, background_threshold=2.0)
+
+
+def test_miou_takes_the_arg_max_of_raw_scores_where_min_max_scaling_flips_the_winner():
+    """Class 0 spans a wide range, class 1 a narrow one: at the middle pixel class 0 has the higher raw score (0.5
+    against 0.44), but after a per-class min-max class 1 wins (0.8 against 0.5). The papers' rule keeps class 0."""
+    scores = torch.tensor([[0.9, 0.5, 0.1], [0.40, 0.44, 0.45]]).view(1, 2, 1, 3)
+    targets = torch.tensor([[[0, 0, 1]]])
+    low, high = scores.amin(dim=(2, 3), keepdim=True), scores.amax(dim=(2, 3), keepdim=True)
+    assert segmentation_predictions((scores - low) / (high - low)).tolist() == [[[0, 1, 1]]]  # the flipped winner
+    assert segmentation_predictions(scores).tolist() == [[[0, 0, 1]]]
+    assert mean_iou(confusion_matrix(segmentation_predictions(scores), targets, 2)).item() == 1.0
 
 
 def test_miou_is_registered_in_the_segmentation_group():
@@ -156,10 +186,14 @@ def test_segmentation_scorer_perfect_inverted_thresholded_and_skipped_methods():
     assert any("segmentation skipped for simple_gradient" in note for note in scorer.notes)
     _, results = _score(["naclip"], {"naclip": 1 - perfect}, images, processor)
     assert results["model", "naclip"]["value"] == 0.0
-    # Threshold: the background channel is ignored; a pixel is background when its best class is below 0.5.
-    foreground = 0.4 + 0.6 * perfect  # true classes 1.0, others 0.4: background pixels fall below the threshold
-    foreground[:, 0] = 1.0  # the background's own map would win everywhere if it were used
-    _, results = _score(["sclip"], {"sclip": foreground}, images, processor, threshold=0.5)
+    # Threshold: a pixel is background when its best class probability, softmax(40 x score), is below 0.5. The
+    # background's own prompt scores -0.1 everywhere and loses every arg-max; on background pixels classes 1 and 2
+    # tie at 0 (probability 0.49 each), on object pixels the true class scores 0.3 (probability ~1).
+    scores = 0.3 * perfect
+    scores[:, 0] = -0.1
+    _, results = _score(["sclip"], {"sclip": scores}, images, processor)
+    assert results["model", "sclip"]["value"] < 1.0
+    _, results = _score(["sclip"], {"sclip": scores}, images, processor, threshold=0.5)
     assert results["model", "sclip"]["value"] == 1.0
     assert results["model", "sclip"]["settings"]["background_threshold"] == 0.5
     with pytest.raises(ValueError, match="not a class mask"):

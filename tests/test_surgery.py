@@ -7,15 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
-from transformers import CLIPModel, CLIPVisionModelWithProjection
+from transformers import CLIPModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from hf_clip_aft.interpret.faithfulness import curve_auc, deletion_ranks, faithfulness_curve
 from hf_clip_aft.interpret.registry import get_map_method
+from hf_clip_aft.interpret.saliency import saliency
 from hf_clip_aft.interpret.surgery import (
     DENSE_METHODS,
     PATCHED_METHODS,
     clip_surgery_features,
     dense_maps,
+    empty_prompt_embedding,
     feature_surgery,
     neighbourhood_prior,
     patched_attention,
@@ -309,31 +311,92 @@ def test_planted_region_gets_the_highest_map_values_for_every_method():
         assert blue[~region].mean() > blue[region].mean() + 0.5, method
 
 
-def test_target_maps_keep_each_images_class_and_are_registered():
+def _demo_single_class_map(model, pixels: torch.Tensor, target: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """CLIP Surgery's demo for one text, written out: ``f @ (t − r)ᵀ`` on the L2-normalised surgery features, then
+    ``get_similarity_map`` (min-max over the patches, bilinear upsampling of the grid)."""
+    features = F.normalize(clip_surgery_features(model, pixels, image_processor=PROCESSOR), dim=-1)[:, 1:]
+    similarity = (features * (target - empty)[:, None]).sum(-1)  # (B, N)
+    low, high = similarity.amin(1, keepdim=True), similarity.amax(1, keepdim=True)
+    grid = ((similarity - low) / (high - low)).view(-1, 1, 4, 4)
+    return F.interpolate(grid, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+
+
+def test_target_maps_follow_the_single_class_rule_and_do_not_depend_on_the_batch():
+    """Each image's map is a function of the image and its own target: alone, or beside images of other classes
+    (the multi-class redundant feature of the other targets made it change, r 0.77 between batch compositions)."""
     model = _tower()
     pixels = _pixels(3)
-    classes = F.normalize(torch.randn(2, 16, generator=torch.Generator().manual_seed(2)), dim=-1)
-    targets = classes[torch.tensor([1, 0, 1])]
-    for method in PATCHED_METHODS:
+    classes = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(2)), dim=-1)
+    empty = F.normalize(torch.randn(16, generator=torch.Generator().manual_seed(3)), dim=0)
+    index = torch.tensor([1, 0, 1])
+    for method in DENSE_METHODS:
         registered = get_map_method(method)
         assert (registered.family, registered.needs) == ("training-free", "none")
-        maps = registered.fn(model, pixels, targets, image_processor=PROCESSOR, channel_reduction="max_abs")
-        dense = registered.dense_fn(model, pixels, classes, image_processor=PROCESSOR)
-        assert maps.shape == (3, 64, 64) and dense.shape == (3, 2, 64, 64)
-        assert torch.allclose(maps, dense[torch.arange(3), torch.tensor([1, 0, 1])]), method
-    # One distinct target: the empty-prompt embedding when given, otherwise r = 0 (plain similarity).
-    same = classes[[0, 0, 0]]
-    empty = F.normalize(torch.randn(16, generator=torch.Generator().manual_seed(3)), dim=0)
-    with_r = target_maps(model, pixels, same, "clip_surgery", image_processor=PROCESSOR, redundant_embeds=empty)
-    expected = dense_maps(model, pixels, classes[:1], "clip_surgery", image_processor=PROCESSOR, redundant_embeds=empty)
-    assert torch.allclose(with_r, expected[:, 0])
-    plain = target_maps(model, pixels, same, "clip_surgery", image_processor=PROCESSOR)
-    zero = torch.zeros(16)
-    assert torch.allclose(
-        plain, dense_maps(model, pixels, classes[:1], image_processor=PROCESSOR, redundant_embeds=zero)[:, 0]
-    )
+        maps = registered.fn(model, pixels, classes[index], image_processor=PROCESSOR, empty_prompt_embeds=empty)
+        assert maps.shape == (3, 64, 64)
+        for i in range(3):
+            alone = registered.fn(model, pixels[i : i + 1], classes[index[i : i + 1]], image_processor=PROCESSOR,
+                                  empty_prompt_embeds=empty)  # fmt: skip
+            assert torch.allclose(maps[i], alone[0], atol=1e-5), method
+        others = registered.fn(model, pixels, classes[[2, 2, 1]], image_processor=PROCESSOR, empty_prompt_embeds=empty)
+        assert torch.allclose(maps[2], others[2], atol=1e-5), method  # same image and target, other batch-mates
+        if method == "clip_surgery":
+            assert torch.allclose(maps, _demo_single_class_map(model, pixels, classes[index], empty), atol=1e-5)
+    with pytest.raises(ValueError, match="empty_prompt_embeds"):
+        target_maps(model, pixels, classes[index], "clip_surgery", image_processor=PROCESSOR)
     with pytest.raises(ValueError, match="one target"):
-        target_maps(model, pixels, classes, "naclip", image_processor=PROCESSOR)
+        target_maps(model, pixels, classes[:2], "naclip", image_processor=PROCESSOR)
+
+
+def test_empty_prompt_embedding_is_the_demos_prompt_ensemble_of_the_empty_name():
+    clip = CLIPModel.from_pretrained(TINY).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(TINY)
+    templates = ("a photo of a {}.", "a drawing of the {}.")
+    tokens = tokenizer([t.format("") for t in templates], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        each = F.normalize(clip.get_text_features(**tokens).pooler_output, dim=-1)
+    assert torch.allclose(empty_prompt_embedding(clip, tokenizer, templates), F.normalize(each.mean(0), dim=0))
+
+
+def test_dense_scores_are_the_raw_cosines_that_segmentation_takes_the_arg_max_of():
+    """The registry's dense_fn gives the raw scores (NACLIP's logits): the min-max display maps pick another class
+    on part of the pixels of a random tower."""
+    model = _tower()
+    pixels = _pixels(2)
+    classes = F.normalize(torch.randn(5, 16, generator=torch.Generator().manual_seed(4)), dim=-1)
+    scores = get_map_method("patch_similarity").dense_fn(model, pixels, classes, image_processor=PROCESSOR)
+    tokens = model(pixel_values=_inputs(pixels)).last_hidden_state[:, 1:]
+    cosine = F.normalize(model.visual_projection(model.vision_model.post_layernorm(tokens)), dim=-1) @ classes.T
+    grid = cosine.transpose(1, 2).reshape(2, 5, 4, 4)
+    expected = F.interpolate(grid, size=(64, 64), mode="bilinear", align_corners=False)
+    assert torch.allclose(scores, expected, atol=1e-5)
+    for method in DENSE_METHODS:
+        raw = get_map_method(method).dense_fn(model, pixels, classes, image_processor=PROCESSOR).argmax(dim=1)
+        display = dense_maps(model, pixels, classes, method, image_processor=PROCESSOR).argmax(dim=1)
+        assert (raw != display).any(), method
+
+
+def test_explanations_run_in_eval_mode_and_restore_the_mode():
+    """A dropout-carrying model in train mode gives the same map twice, and is handed back in train mode."""
+    config = clip_config("tiny").vision_config
+    config.attention_dropout = 0.5
+    torch.manual_seed(0)
+    model = CLIPVisionModelWithProjection._from_config(config, attn_implementation="eager").train()
+    model.vision_model.encoder.layers[0].eval()  # a mixed-mode model keeps its mix
+    pixels, target = _pixels(2), F.normalize(torch.randn(2, 16), dim=-1)
+    empty = F.normalize(torch.randn(16), dim=0)
+    modes = [module.training for module in model.modules()]
+    for method in ("simple_gradient", "gradcam", "attention", "rollout", *DENSE_METHODS):
+        first, second = (
+            saliency(model, pixels, target, method, image_processor=PROCESSOR, empty_prompt_embeds=empty)
+            for _ in range(2)
+        )
+        assert torch.equal(first, second), method
+        assert [module.training for module in model.modules()] == modes, method
+    for _ in range(2):
+        maps = dense_maps(model, pixels, target, "naclip", image_processor=PROCESSOR)
+        assert [module.training for module in model.modules()] == modes
+    assert torch.equal(maps, dense_maps(model, pixels, target, "naclip", image_processor=PROCESSOR))
 
 
 def test_faithfulness_ties_are_broken_at_random_not_in_row_major_order():

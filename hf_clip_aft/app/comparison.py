@@ -18,15 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from ..data import clip_image_processor, images_to_pixels
+from ..data import open_image as read_rgb_image
 from ..interpret import MAP_METHODS, PROMPT_TEMPLATES, class_text_embeddings, get_map_method, load_clip, saliency
 from ..interpret.figures import colorize
 from ..interpret.saliency import upsample
 from ..interpret.suite import LoadedModel
+from ..interpret.surgery import empty_prompt_embedding
 
 PHOTOS_DIR = Path(__file__).resolve().parents[1] / "assets" / "photos"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -103,12 +105,12 @@ def load_models(names: Sequence[str], device: str | torch.device) -> tuple[list[
 
 
 def open_image(path: str | os.PathLike, name: str | None = None) -> Image.Image:
-    """The image file at `path` as RGB; ValueError naming the file (`name`, default its file name) when it is missing
-    or not an image."""
+    """The image file at `path` as RGB, through the package's one image reader (:func:`hf_clip_aft.data.open_image`:
+    EXIF orientation, 16-bit scaled to 8, transparency over white, CMYK, decompression bombs refused); ValueError
+    naming the file (`name`, default its file name) when it is missing or not a readable image."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as err:
+        return read_rgb_image(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         name = name or os.path.basename(str(path))
         # The decoder's message names the server-side path; the page names the user's file only.
         raise ValueError(f"Cannot read {name!r} as an image; upload a JPEG, PNG or WebP file.") from err
@@ -195,9 +197,10 @@ def compare(
         pixels = images_to_pixels([image], loaded.processor.image_processor).to(device)
         steps.set_postfix_str(f"{model_label(loaded.name)}: zero-shot")
         with torch.no_grad():
-            class_embeds = class_text_embeddings(
-                loaded.model, loaded.processor.tokenizer, class_names, PROMPT_STYLES[prompt_style]
-            )
+            templates = PROMPT_STYLES[prompt_style]
+            class_embeds = class_text_embeddings(loaded.model, loaded.processor.tokenizer, class_names, templates)
+            # CLIP Surgery's redundant feature for one target: the empty prompt, with the same templates.
+            empty_prompt = empty_prompt_embedding(loaded.model, loaded.processor.tokenizer, templates)
             logits = loaded.model.logit_scale.exp() * loaded.embed(pixels) @ class_embeds.t()
         probs = logits.softmax(dim=-1)[0].cpu()
         order = probs.argsort(descending=True).tolist()
@@ -213,7 +216,7 @@ def compare(
                 class_embeds[index : index + 1],
                 method,
                 image_processor=loaded.processor.image_processor,
-                **(method_options or {}),
+                **{"empty_prompt_embeds": empty_prompt, **(method_options or {})},
             )
             result.maps[method] = relative_map(maps[0], size)
             steps.update()

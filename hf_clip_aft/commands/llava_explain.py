@@ -35,7 +35,7 @@ from hf_clip_aft.data import (
     prepare_dataset,
 )
 from hf_clip_aft.files import atomic_write, write_json_atomic
-from hf_clip_aft.interpret.batches import find_mask_column, masks_to_tensor
+from hf_clip_aft.interpret.batches import check_mask_size, find_mask_column, localisation_masks, open_mask
 from hf_clip_aft.interpret.figures import saliency_grid
 from hf_clip_aft.interpret.llava_relevance import (
     MAX_NEW_TOKENS_LIMIT,
@@ -115,9 +115,18 @@ ARGUMENTS = (LlavaExplainArguments,)
 
 
 def _load(args: LlavaExplainArguments) -> tuple[LlavaForConditionalGeneration, object]:
-    architectures = AutoConfig.from_pretrained(args.llava).architectures or []
-    for name in architectures:
-        check_llava_architecture(name)  # before loading gigabytes
+    config = AutoConfig.from_pretrained(args.llava)
+    hint = " (the AFT CLIP goes to --vision)" if config.model_type == "clip" else ""
+    for name in config.architectures or []:
+        try:
+            check_llava_architecture(name)  # before loading gigabytes
+        except (TypeError, NotImplementedError) as err:
+            raise type(err)(f"--llava {args.llava!r}: {err}{hint}") from err
+    if config.model_type != "llava":
+        raise TypeError(
+            f"--llava {args.llava!r} holds a {config.model_type!r} model, not a LLaVA-1.5 one (model_type 'llava', "
+            f"e.g. llava-hf/llava-1.5-7b-hf){hint}."
+        )
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
     model = LlavaForConditionalGeneration.from_pretrained(args.llava, dtype=dtype, attn_implementation="eager")
@@ -140,8 +149,12 @@ def _rows(args: LlavaExplainArguments):
     for index, row in enumerate(dataset):
         value = row[image_column]
         stem = Path(value.get("path") or "").stem if isinstance(value, dict) else ""
-        mask = None if mask_column is None else open_image(row[mask_column])
-        rows.append((f"{index:04d}_{stem}" if stem else f"{index:04d}", open_image(value), mask))
+        name = f"{index:04d}_{stem}" if stem else f"{index:04d}"
+        image = open_image(value)
+        mask = None if mask_column is None else open_mask(row[mask_column])
+        if mask is not None:
+            check_mask_size(image, mask, f"row {index} ({name})")
+        rows.append((name, image, mask))
     return rows, mask_column
 
 
@@ -150,8 +163,10 @@ def _method_label(args: LlavaExplainArguments) -> str:
 
 
 def _tower_entry(explanation: LlavaExplanation, args, special_ids, mask) -> tuple[dict, torch.Tensor]:
+    """One tower's entry for one image; `mask` is None or ``(objects, annotated)`` of :func:`localisation_masks`."""
     indices, explained = explained_tokens(explanation, args.word, special_ids)
     summary_map = explanation.maps[indices].mean(dim=0)
+    objects, annotated = (None, None) if mask is None else (mask[0][0], mask[1][0])
     entry = {
         "answer": explanation.answer,
         "tokens": explanation.tokens,
@@ -159,7 +174,7 @@ def _tower_entry(explanation: LlavaExplanation, args, special_ids, mask) -> tupl
         "explained": explained,
         "explained_tokens": indices,
         "image_share": explanation.image_share[indices].mean().item(),
-        **map_summary(summary_map, mask, args.iou_fraction),
+        **map_summary(summary_map, objects, args.iou_fraction, annotated),
     }
     return entry, summary_map
 
@@ -185,6 +200,12 @@ def _image_figure(pixels, explanations, summaries, entries, args, path: Path) ->
         path,
         lambda p: saliency_grid(grid, maps, labels, [_method_label(args)], p, cell=128, titles=titles),
     )
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """The mean of the values present (None for an image without the number); None when there is none."""
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present) if present else None
 
 
 def main(args: LlavaExplainArguments) -> dict:
@@ -221,7 +242,7 @@ def main(args: LlavaExplainArguments) -> dict:
     all_pixels = []
     for index, (name, image, mask_image) in enumerate(rows):
         pixels = images_to_pixels([image], processor.image_processor)
-        mask = None if mask_image is None else masks_to_tensor([mask_image], processor.image_processor)[0]
+        mask = None if mask_image is None else localisation_masks([mask_image], processor.image_processor)
         entries, summaries, per_image = {}, {}, {}
         for tower in TOWERS:
             per_image[tower] = explanations[tower][index]
@@ -248,15 +269,24 @@ def main(args: LlavaExplainArguments) -> dict:
         ),
     )
     numbers = ["image_share", "gini"] + (list(LOCALISATION) if mask_column else [])
-    means = {tower: {k: sum(i[tower][k] for i in images) / len(images) for k in numbers} for tower in TOWERS}
+    means = {tower: {k: _mean([i[tower].get(k) for i in images]) for k in numbers} for tower in TOWERS}
     results = {
         "schema": SCHEMA,
         "settings": {**asdict(args), "mask_column": mask_column},
         "towers": {"original": args.llava, "aft": args.vision},
         "images": images,
         "mean": means,
-        "difference_aft_minus_original": {k: means["aft"][k] - means["original"][k] for k in numbers},
+        "difference_aft_minus_original": {
+            k: None if means["aft"][k] is None else means["aft"][k] - means["original"][k] for k in numbers
+        },
     }
+    unscored = sum(LOCALISATION[0] not in image["original"] for image in images) if mask_column else 0
+    if unscored:
+        results["settings"]["notes"] = [
+            f"localisation: {unscored} of {len(images)} images skipped: no annotated (mask value 255) or no object "
+            "pixel in the crop."
+        ]
+        print(results["settings"]["notes"][0])
     write_json_atomic(output / "results.json", results)
     print(
         f"Wrote {output / 'results.json'}, {output / 'overview.png'} and {len(images)} figures in {output / 'figures'}"

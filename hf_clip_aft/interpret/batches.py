@@ -7,16 +7,26 @@ Images stay PIL images here because each model converts them with its own proces
 
 from __future__ import annotations
 
-import io
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from ..data import class_names, find_image_column, images_to_pixels, load_image_dataset, open_image, prepare_dataset
+from ..data import (
+    class_names,
+    find_image_column,
+    images_to_pixels,
+    load_image_dataset,
+    open_image,
+    prepare_dataset,
+    read_image,
+)
+from .segmentation import IGNORE_INDEX
 
 # Column names taken as the object mask when no mask column is named (ImageNet-Segmentation style datasets).
 MASK_COLUMN_NAMES = ("mask", "segmentation", "annotation")
@@ -93,27 +103,83 @@ def load_evaluation_data(
 
 def open_mask(value: Any) -> Image.Image:
     """A mask from what a mask column holds (PIL image, ``{"bytes", "path"}`` dict or path), upright, in its own
-    mode: palette indices (Pascal VOC's class masks), 16-bit values and grey levels are kept as they are."""
-    if isinstance(value, dict):
-        value = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value.get("path")
-    image = value if isinstance(value, Image.Image) else Image.open(value)
-    image.load()  # decode now, so that a truncated file fails here and not later
-    return ImageOps.exif_transpose(image)
+    mode: palette indices (Pascal VOC's class masks), 16-bit values and grey levels are kept as they are
+    (:func:`hf_clip_aft.data.read_image`)."""
+    return read_image(value)
+
+
+def _source(value: Any) -> str:
+    """The file behind a column value, for messages ('' for in-memory images)."""
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, (str, os.PathLike)) else None
+    return f" ({path})" if path else ""
+
+
+def check_mask_size(image: Image.Image, mask: Image.Image, row: str) -> None:
+    """Raise ValueError naming `row` unless `mask` has the size of its `image` (both upright).
+
+    A mask of another size cannot be aligned with its image: resizing it would score the map against a stretched
+    object.
+    """
+    if mask.size != image.size:
+        raise ValueError(
+            f"The mask of {row} is {mask.size[0]}x{mask.size[1]} pixels but its image is {image.size[0]}x"
+            f"{image.size[1]} (width x height); a mask must have its image's size. Fix or drop that row."
+        )
 
 
 def iterate_batches(data: EvaluationData, batch_size: int) -> Iterator[Batch]:
     """Batches of decoded RGB images, integer labels and (if the dataset has them) mask images in their own mode
-    (:func:`open_mask`), in dataset order."""
+    (:func:`open_mask`), in dataset order. A mask whose size differs from its image's is an error naming the row
+    (:func:`check_mask_size`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1.")
     for start in range(0, len(data.dataset), batch_size):
         rows = data.dataset[start : start + batch_size]
         images = [open_image(value) for value in rows[data.image_column]]
-        masks = None if data.mask_column is None else [open_mask(value) for value in rows[data.mask_column]]
+        masks = None
+        if data.mask_column is not None:
+            masks = [open_mask(value) for value in rows[data.mask_column]]
+            for i, (image, mask) in enumerate(zip(images, masks)):
+                check_mask_size(image, mask, f"row {start + i}{_source(rows[data.image_column][i])}")
         yield Batch(images, torch.tensor(rows[data.label_column]), masks)
 
 
+def _mask_values(mask: Image.Image) -> np.ndarray:
+    """The values of one mask ``(H, W)``: its single channel (palette indices for mode P, 16-bit values as they
+    are), the shared value of a grey RGB mask, or, for a colour mask, 1 on every pixel that is not black."""
+    if mask.mode == "1":
+        return np.asarray(mask, dtype=np.uint8)
+    array = np.asarray(mask if mask.mode in ("L", "P", "RGB") or mask.mode.startswith("I") else mask.convert("RGB"))
+    if array.ndim == 3:
+        grey = (array == array[..., :1]).all()
+        array = array[..., 0] if grey else array.any(axis=-1).astype(np.uint8)
+    return array
+
+
+def localisation_masks(
+    masks: Sequence[Image.Image], image_processor, ignore_index: int | None = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean ``(objects, annotated)``, each ``(B, H, W)``, resized and cropped like the images.
+
+    A pixel of value `ignore_index` (255, Pascal VOC's border label, as in segmentation) is unannotated: it is
+    neither object nor background, and the localisation metrics leave it out. Every other non-zero value is object
+    (a class index), 0 is background. Binary masks must therefore mark the object with a value other than 255 (1,
+    or PIL mode ``1``), or be read with ``ignore_index=None``. A colour mask marks the object by any non-black
+    pixel and has no unannotated pixels.
+    """
+    encoded = []
+    for mask in masks:
+        values = _mask_values(mask)
+        annotated = np.ones(values.shape, bool) if ignore_index is None else values != ignore_index
+        objects = (values != 0) & annotated
+        # Two channels resized together (bicubic, as the images) and thresholded at one half each.
+        planes = np.stack([objects, annotated, np.zeros_like(objects)], axis=-1).astype(np.uint8) * 255
+        encoded.append(Image.fromarray(planes))
+    pixels = images_to_pixels(encoded, image_processor) > 0.5
+    return pixels[:, 0], pixels[:, 1]
+
+
 def masks_to_tensor(masks: Sequence[Image.Image], image_processor) -> torch.Tensor:
-    """Boolean ``(B, H, W)`` object masks (any non-zero value is object), resized and cropped like the images."""
-    binary = [mask.convert("L").point(lambda v: 255 if v > 0 else 0).convert("RGB") for mask in masks]
-    return images_to_pixels(binary, image_processor)[:, 0] > 0.5
+    """Boolean ``(B, H, W)`` object masks (any non-zero value is object), resized and cropped like the images: the
+    binary reading of :func:`localisation_masks` (no unannotated value)."""
+    return localisation_masks(masks, image_processor, ignore_index=None)[0]

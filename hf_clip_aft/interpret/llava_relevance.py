@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
+from ..modeling import eval_mode
 from .metrics import energy_pointing_game, gini_index, pointing_game, top_fraction_iou
 from .vit_maps import attention_rollout
 
@@ -275,7 +276,8 @@ def llava_relevance(
     """Generate LLaVA's greedy answer to `prompt` about `image` and map each answer token's relevance over the patches.
 
     Args:
-        model: a `LlavaForConditionalGeneration` (any dtype and device; eager attention is switched on for the call).
+        model: a `LlavaForConditionalGeneration` (any dtype and device; eager attention and eval mode are switched
+            on for the call, and the previous implementation and modes restored).
         processor: its `LlavaProcessor`.
         image: a PIL image.
         prompt: the question; the image token and the chat template are added when the prompt lacks them
@@ -303,7 +305,7 @@ def llava_relevance(
     positions = image_token_positions(input_ids[0], config.image_token_id)
     grid, first_patch_token = image_grid(config, positions.numel())
 
-    with eager_attention(model):
+    with eval_mode(model), eager_attention(model):
         with torch.no_grad():
             sequence = model.generate(
                 input_ids=input_ids,
@@ -405,24 +407,28 @@ def map_summary(
     saliency_map: torch.Tensor,
     mask: torch.Tensor | None = None,
     iou_fraction: float = 0.2,
+    annotated: torch.Tensor | None = None,
 ) -> dict:
     """Summary numbers of one ``(rows, columns)`` patch map: its peak patch and Gini sparsity; with a boolean
-    ``(H, W)`` object mask, the suite's localisation metrics on the map upsampled (bilinear) to the mask."""
+    ``(H, W)`` object mask, the suite's localisation metrics on the map upsampled (bilinear) to the mask, over the
+    `annotated` pixels (``(H, W)`` boolean, default all); they are left out when no pixel is annotated or none is
+    object (nothing to point at)."""
     values = saliency_map.float()
     peak = int(values.argmax())
     summary = {
         "peak_patch": [peak // values.shape[1], peak % values.shape[1]],
         "gini": gini_index(values[None]).item(),
     }
-    if mask is not None:
+    annotated = torch.ones_like(mask, dtype=torch.bool) if annotated is None and mask is not None else annotated
+    if mask is not None and (mask.bool() & annotated.bool()).any():
         upsampled = F.interpolate(
             values[None, None],
             size=tuple(mask.shape),
             mode="bilinear",
             align_corners=False,
         )[0]
-        masks = mask[None].bool()
-        summary["pointing_game"] = pointing_game(upsampled, masks).item()
-        summary["energy_pointing_game"] = energy_pointing_game(upsampled.clamp(min=0), masks).item()
-        summary["top_k_iou"] = top_fraction_iou(upsampled, masks, iou_fraction).item()
+        masks, valid = mask[None].bool(), annotated[None].bool()
+        summary["pointing_game"] = pointing_game(upsampled, masks, valid).item()
+        summary["energy_pointing_game"] = energy_pointing_game(upsampled.clamp(min=0), masks, valid).item()
+        summary["top_k_iou"] = top_fraction_iou(upsampled, masks, iou_fraction, valid).item()
     return summary

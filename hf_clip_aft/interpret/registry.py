@@ -40,7 +40,8 @@ class MapMethod:
         needs: what the model must provide: ``gradients``, ``attentions`` (eager attention) or ``none``.
         description: one line, with the paper it follows.
         fn: the map for one target text embedding per image, ``(B, H, W)``, non-negative, any scale.
-        dense_fn: one map per class ``(B, C, H, W)`` for open-vocabulary segmentation, when the method has one.
+        dense_fn: raw scores per class ``(B, C, H, W)`` for open-vocabulary segmentation (the per-pixel arg-max is
+            the prediction, so no per-class rescaling), when the method has one.
         default: whether ``--methods all`` includes the method (the gradient and attention maps do; the
             training-free maps are opt-in: ``--methods all training-free``); every consumer that lists
             :data:`MAP_METHODS` directly (the app) shows it either way.
@@ -157,8 +158,9 @@ class BatchContext:
         return self._cache[key]
 
     def dense_maps(self, method: str | None = None) -> torch.Tensor:
-        """``(B, C, H, W)``: one map per class of :attr:`class_embeds` by `method`'s ``dense_fn`` (default: the
-        current method), computed on first use and shared by the scorers. Raises if the method has no dense maps."""
+        """``(B, C, H, W)``: the raw scores of every class of :attr:`class_embeds` by `method`'s ``dense_fn``
+        (default: the current method), computed on first use and shared by the scorers. Raises if the method has no
+        dense maps."""
         method = method or self.method
         map_method = get_map_method(method)
         if map_method.dense_fn is None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..modeling import EmbedFn, embed_fn, frozen_parameters
+from ..modeling import EmbedFn, embed_fn, eval_mode, frozen_parameters
 from .gradients import ScoreFn, input_gradients, integrated_gradients, smoothgrad
 from .registry import MAP_METHODS, MapMethod, get_map_method, register_map_method
 from .vit_maps import (
@@ -150,8 +150,9 @@ def saliency(
     """Saliency maps ``(B, H, W)`` (float32, non-negative) of `model` for each image's target text embedding.
 
     Args:
-        model: a `CLIPModel` or `CLIPVisionModelWithProjection` in eval mode (``attention`` and ``rollout`` need it
-            loaded with ``attn_implementation="eager"``).
+        model: a `CLIPModel` or `CLIPVisionModelWithProjection` (``attention`` and ``rollout`` need it loaded with
+            ``attn_implementation="eager"``). The map is computed in eval mode (dropout off: the same map every
+            call) and every sub-module's previous mode is restored.
         pixels: ``(B, 3, H, W)`` in [0, 1] at the model's resolution (:func:`hf_clip_aft.data.images_to_pixels`).
         text_embeds: ``(B, D)`` L2-normalised target text embedding of each image (e.g. ``class_embeds[labels]``).
         method: a registered map method (:data:`hf_clip_aft.interpret.registry.MAP_METHODS`); built in:
@@ -184,6 +185,6 @@ def saliency(
         rollout_residual=rollout_residual,
     )
     # Only the input (or an activation) needs a gradient: frozen weights spare the weight-gradient work and memory.
-    with frozen_parameters(model):
+    with eval_mode(model), frozen_parameters(model):
         maps = map_method.fn(model, pixels, text_embeds, image_processor=image_processor, **options)
     return maps.float().clamp(min=0).detach()

@@ -6,7 +6,8 @@ the order the groups run and are listed. How each group calls its metrics' ``com
 
 - ``zero_shot`` / ``robustness``: per image, 1 where the (clean / attacked) zero-shot prediction is the label.
 - ``sparsity``: ``compute(maps)``.
-- ``localization``: ``compute(maps, masks, **settings)`` on the images whose object mask is not empty.
+- ``localization``: ``compute(maps, masks, annotated=annotated, **settings)`` on the images whose object mask is
+  not empty (``annotated``: False on unannotated pixels, mask value 255).
 - ``faithfulness``: ``compute(score_fn, pixels, maps, steps)``.
 - ``roar``: a linear probe on the features of every image (whole-dataset results).
 - ``segmentation``: ``compute(confusion)`` on the confusion counts of the whole dataset (whole-dataset results).
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .batches import masks_to_tensor
+from .batches import localisation_masks
 from .faithfulness import INSERTION_BLUR_SIGMA, curve_auc, faithfulness_curve
 from .metrics import energy_pointing_game, gini_index, pointing_game, top_fraction_iou
 from .registry import (
@@ -42,7 +43,7 @@ from .registry import (
 from .roar import remove_top_pixels, roar_accuracy, split_indices
 from .robustness import robust_predictions
 from .saliency import class_similarity
-from .segmentation import background_predictions, class_masks_to_tensor, confusion_matrix, mean_iou
+from .segmentation import class_masks_to_tensor, confusion_matrix, mean_iou, segmentation_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ for _metric in (
         "segmentation",
         TASK_SEGMENTATION,
         True,
-        "mean IoU of the arg-max class maps against the class masks (classes seen in either), in [0, 1]",
+        "mean IoU of the raw-score arg-max classes against the class masks (classes seen in either), in [0, 1]",
         mean_iou,
         settings=lambda run: {"background_threshold": run.args.segmentation_background_threshold},
     ),
@@ -157,12 +158,17 @@ class SparsityScorer(Scorer):
 
 @register_scorer
 class LocalizationScorer(Scorer):
-    """Localisation of each map against the object mask; skipped (with a note) when the dataset has no masks."""
+    """Localisation of each map against the object mask, over the annotated pixels (:func:`localisation_masks`:
+    255 is unannotated); skipped (with a note) when the dataset has no masks. An image with no annotated pixel, or
+    no object pixel, in the model's crop is skipped and counted in a note."""
 
     group = "localization"
 
     def __init__(self, run: RunContext) -> None:
         super().__init__(run)
+        # (model, reason) -> images skipped; counted once per batch and model, at the first map method.
+        self.skipped: dict[tuple[str, str], int] = defaultdict(int)
+        self.seen: dict[str, int] = defaultdict(int)
         if run.mask_column is None:
             self.notes.append(
                 "localization skipped: the dataset has no object-mask column (pass --mask_column to name one)."
@@ -172,16 +178,35 @@ class LocalizationScorer(Scorer):
     def update(self, batch: BatchContext) -> list[Score]:
         if batch.mask_images is None:
             return []
-        masks = batch.cached(
-            "object_masks", lambda: masks_to_tensor(batch.mask_images, batch.image_processor).to(batch.pixels.device)
+        masks, annotated = batch.cached(
+            "object_masks",
+            lambda: torch.stack(localisation_masks(batch.mask_images, batch.image_processor)).to(batch.pixels.device),
         )
-        keep = masks.flatten(1).any(dim=1)  # an object cropped away leaves nothing to point at
-        maps, masks = batch.maps[keep], masks[keep]
+        has_pixels = annotated.flatten(1).any(dim=1)
+        keep = masks.flatten(1).any(dim=1)  # an object cropped away (or unannotated) leaves nothing to point at
+        if batch.method == self.run.methods[0]:
+            self.seen[batch.model_name] += len(keep)
+            self.skipped[batch.model_name, "no annotated pixel"] += int((~has_pixels).sum())
+            self.skipped[batch.model_name, "no object pixel"] += int((has_pixels & ~keep).sum())
+        maps, masks, annotated = batch.maps[keep], masks[keep], annotated[keep]
         scores = []
         for metric in self.metrics():
             settings = metric.settings_for(self.run)
-            scores.append(Score(metric.name, metric.compute(maps, masks, **settings), settings))
+            values = metric.compute(maps, masks, annotated=annotated, **settings)
+            scores.append(Score(metric.name, values, settings))
         return scores
+
+    def results(self) -> list[dict[str, Any]]:
+        for model, seen in self.seen.items():
+            reasons = [f"{self.skipped[model, why]} with {why}" for why in ("no annotated pixel", "no object pixel")]
+            if any(self.skipped[model, why] for why in ("no annotated pixel", "no object pixel")):
+                self.notes.append(
+                    f"localization: {model}: images skipped out of {seen}: {', '.join(reasons)} in the model's crop "
+                    "(mask value 255 = unannotated, 0 = background, any other value = object; binary masks that "
+                    "store the object as 255 must store it as 1)."
+                )
+                logger.warning(self.notes[-1])
+        return []
 
 
 @register_scorer
@@ -272,10 +297,11 @@ class RobustnessScorer(Scorer):
 @register_scorer
 class SegmentationScorer(Scorer):
     """Open-vocabulary segmentation (``--metrics segmentation``, opt-in): for every model and every map method with
-    per-class dense maps, the confusion counts of :func:`background_predictions` of ``batch.dense_maps()`` (one map
-    per dataset class) against the class masks (:func:`class_masks_to_tensor`), summed over the dataset; after the
-    last batch, ``miou`` = :func:`mean_iou` of the sums. Methods without dense maps, and datasets without a mask
-    column, are skipped with a note. The background rule is the run's ``segmentation_background_threshold``.
+    per-class dense maps, the confusion counts of :func:`segmentation_predictions` of ``batch.dense_maps()`` (the raw
+    scores of every dataset class; arg-max of the raw scores, NACLIP's and SCLIP's rule) against the class masks
+    (:func:`class_masks_to_tensor`), summed over the dataset; after the last batch, ``miou`` = :func:`mean_iou` of
+    the sums. Methods without dense maps, and datasets without a mask column, are skipped with a note. The
+    background rule is the run's ``segmentation_background_threshold``.
     """
 
     group = "segmentation"
@@ -305,7 +331,7 @@ class SegmentationScorer(Scorer):
             "class_masks",
             lambda: class_masks_to_tensor(batch.mask_images, batch.image_processor).to(batch.pixels.device),
         )
-        predictions = background_predictions(batch.dense_maps(), self.threshold)
+        predictions = segmentation_predictions(batch.dense_maps(), self.threshold)
         counts = confusion_matrix(predictions, targets, len(self.run.class_names)).cpu()
         key = batch.model_name, batch.method
         self.confusion[key] = self.confusion[key] + counts if key in self.confusion else counts

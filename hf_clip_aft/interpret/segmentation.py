@@ -1,11 +1,18 @@
-"""Open-vocabulary semantic segmentation from per-class dense maps: per-pixel predictions and mean IoU.
+"""Open-vocabulary semantic segmentation from per-class dense scores: per-pixel predictions and mean IoU.
 
-The protocol of training-free segmentation papers (CLIP Surgery, SCLIP, NACLIP), in pure functions: per-class maps
-``(B, C, H, W)`` (e.g. :func:`hf_clip_aft.interpret.surgery.dense_maps`) -> the arg-max class of every pixel, with
-an optional background rule (:func:`segmentation_predictions`) -> a confusion matrix against the ground-truth class
-masks, summed over the data set (:func:`confusion_matrix`) -> the mean intersection over union (:func:`mean_iou`).
-The evaluation's ``segmentation`` metric group (``--metrics segmentation``, metric ``miou``) is
+The protocol of training-free segmentation papers (SCLIP, NACLIP; CLIP Surgery), in pure functions: raw per-class
+scores ``(B, C, H, W)`` (:func:`hf_clip_aft.interpret.surgery.dense_scores`) -> the arg-max class of every pixel,
+with an optional background rule (:func:`segmentation_predictions`) -> a confusion matrix against the ground-truth
+class masks, summed over the data set (:func:`confusion_matrix`) -> the mean intersection over union
+(:func:`mean_iou`). The evaluation's ``segmentation`` metric group (``--metrics segmentation``, metric ``miou``) is
 :class:`hf_clip_aft.interpret.scorers.SegmentationScorer`.
+
+Decision rule. NACLIP and SCLIP label each pixel by the arg-max of its raw cosine scores (their
+``postprocess_result``: ``softmax(logit_scale · scores)`` over the classes, arg-max, and the pixels whose highest
+probability is below ``prob_thd`` set to class 0, with ``logit_scale`` 40); the arg-max is that of the raw scores.
+The min-max scaling per class of the display maps (:func:`~hf_clip_aft.interpret.surgery.dense_maps`) is not used:
+it changes which class wins a pixel. CLIP Surgery's code has no segmentation; its scores (the feature-surgery
+similarities over the dataset's classes, the paper's multi-class rule) go through the same rule.
 
 Protocol of the evaluation: one centre-crop window per image at the model's resolution (the processor's resize of
 the short side and centre crop, masks resized with nearest neighbour), no sliding window, no PAMR. The papers use
@@ -15,8 +22,8 @@ protocol.
 
 Class masks: single-channel images whose pixel values are the dataset's class indices (``class_names[i]`` is value
 i; Pascal VOC's palette PNGs are read as their indices) and :data:`IGNORE_INDEX` for unannotated pixels. The
-``localization`` group reads the same column as object masks (non-zero = object), so a dataset whose class 0 is the
-background (Pascal VOC's convention) serves both groups.
+``localization`` group reads the same column as object masks (0 = background, 255 = unannotated, any other value =
+object), so a dataset whose class 0 is the background (Pascal VOC's convention) serves both groups.
 """
 
 from __future__ import annotations
@@ -28,25 +35,36 @@ import torch
 from PIL import Image
 
 IGNORE_INDEX = 255  # the label of unannotated pixels (object borders in Pascal VOC), left out of every count
+LOGIT_SCALE = 40.0  # NACLIP's and SCLIP's logit_scale: the class probabilities are softmax(40 · scores)
 
 
 def segmentation_predictions(
-    maps: torch.Tensor, background_threshold: float | None = None, background_class: int = 0
+    scores: torch.Tensor,
+    background_threshold: float | None = None,
+    background_class: int = 0,
+    logit_scale: float = LOGIT_SCALE,
 ) -> torch.Tensor:
-    """The predicted class ``(B, H, W)`` (int64) of every pixel: the arg-max over the class maps ``(B, C, H, W)``.
+    """The predicted class ``(B, H, W)`` (int64) of every pixel: the arg-max over raw class scores ``(B, C, H, W)``
+    (e.g. cosine similarities, :func:`~hf_clip_aft.interpret.surgery.dense_scores`).
 
-    Background rule. Either give the background its own channel (e.g. channel 0 the prompt "background", as in
-    Pascal VOC's 21 classes) and leave `background_threshold` at None: plain arg-max. Or set `background_threshold`:
-    every pixel whose highest class score is below it is labelled `background_class` instead (for maps min-max
-    normalised per class, e.g. :func:`~hf_clip_aft.interpret.surgery.dense_maps`, the threshold is in [0, 1]
-    units). `background_class` is a label value, which may lie outside the C channels (e.g. C for "none of these").
-    Ties go to the lowest class index.
+    Background rule (NACLIP's and SCLIP's): with `background_threshold` set, the class probabilities are
+    ``softmax(logit_scale · scores)`` over the C classes, and every pixel whose highest probability is below the
+    threshold (in [0, 1]; the papers use 0.1 on datasets with a background class) is labelled `background_class`;
+    the background, if it is one of the C classes, also competes through its own prompt. Without a threshold: the
+    plain arg-max. Ties go to the lowest class index.
     """
-    if maps.dim() != 4:
-        raise ValueError(f"Class maps must have shape (B, C, H, W); got {tuple(maps.shape)}.")
-    scores, predictions = maps.max(dim=1)
+    if scores.dim() != 4:
+        raise ValueError(f"Class scores must have shape (B, C, H, W); got {tuple(scores.shape)}.")
+    predictions = scores.argmax(dim=1)
     if background_threshold is not None:
-        predictions = torch.where(scores < background_threshold, background_class, predictions)
+        if not 0.0 <= background_threshold <= 1.0:
+            raise ValueError(
+                f"background_threshold={background_threshold} is a class probability and must lie in [0, 1] "
+                "(NACLIP and SCLIP use 0.1)."
+            )
+        probabilities = torch.softmax(logit_scale * scores.float(), dim=1)
+        low = probabilities.amax(dim=1) < background_threshold
+        predictions = torch.where(low, background_class, predictions)
     return predictions
 
 
@@ -96,24 +114,6 @@ def mean_iou(confusion: torch.Tensor) -> torch.Tensor:
     predictions of a confusion matrix ``[true, predicted]``; classes absent from both are excluded (NaN when no
     class is present)."""
     return class_iou(confusion).nanmean()
-
-
-def background_predictions(maps: torch.Tensor, background_threshold: float | None = None) -> torch.Tensor:
-    """The evaluation's background rule: predicted labels ``(B, H, W)`` of class maps ``(B, C, H, W)``.
-
-    Without a threshold: the plain arg-max over every class (a background class, if the dataset has one, competes
-    through its own prompt). With `background_threshold`: class 0 is the background; it is not a prompt but the
-    answer for every pixel whose highest score among classes 1..C-1 is below the threshold.
-    """
-    if background_threshold is None:
-        return segmentation_predictions(maps)
-    if maps.dim() != 4 or maps.shape[1] < 2:
-        raise ValueError(
-            f"A background threshold needs class maps (B, C, H, W) with C >= 2 (class 0 the background); got "
-            f"{tuple(maps.shape)}."
-        )
-    # Arg-max over classes 1.. (channel j is label j + 1); below the threshold the label -1 + 1 = 0, the background.
-    return segmentation_predictions(maps[:, 1:], background_threshold, background_class=-1) + 1
 
 
 def class_masks_to_tensor(masks: Sequence[Image.Image], image_processor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from .registry import MAP_METHODS, SCORERS, BatchContext, RunContext, Score, Sco
 from .results import results_document, save_results, save_summary
 from .roar import ROAR_FRACTIONS
 from .saliency import saliency
+from .surgery import empty_prompt_embedding
 from .zero_shot import (
     PROMPT_TEMPLATES,
     SINGLE_TEMPLATE,
@@ -128,9 +129,10 @@ class EvaluationArguments:
     segmentation_background_threshold: float | None = field(
         default=None,
         metadata={
-            "help": "segmentation: pixels whose highest class map (in [0, 1], each class min-max scaled per image) is "
-            "below this are predicted as class 0, the background, whose own prompt is then unused; default: plain "
-            "arg-max over every class, the background (if a class) through its prompt."
+            "help": "segmentation: pixels whose highest class probability, softmax(40 x raw score) over the classes "
+            "(NACLIP's and SCLIP's rule; they use 0.1), is below this are predicted as class 0, the background; "
+            "default: plain arg-max of the raw scores over every class, the background (if a class) through its "
+            "prompt."
         },
     )
     roar_fractions: list[float] = field(
@@ -268,9 +270,16 @@ def _load_data(args: EvaluationArguments) -> EvaluationData:
 
 
 def _batch_context(
-    index: int, batch: Batch, model: LoadedModel, class_embeds: torch.Tensor, args: EvaluationArguments, device
+    index: int,
+    batch: Batch,
+    model: LoadedModel,
+    class_embeds: tuple[torch.Tensor, torch.Tensor],
+    args: EvaluationArguments,
+    device,
 ) -> BatchContext:
-    """Load step: `batch` as `model` sees it (pixels, embeddings, zero-shot predictions, target text embeddings)."""
+    """Load step: `batch` as `model` sees it (pixels, embeddings, zero-shot predictions, target text embeddings).
+    `class_embeds` holds the model's class text embeddings and its empty-prompt embedding (CLIP Surgery's)."""
+    class_embeds, empty_prompt = class_embeds
     image_processor = model.processor.image_processor
     pixels = images_to_pixels(batch.images, image_processor).to(device)
     labels = batch.labels.to(device)
@@ -290,7 +299,7 @@ def _batch_context(
         class_embeds=class_embeds,
         predictions=predictions,
         text_embeds=class_embeds[labels if args.target == "label" else predictions],
-        method_options=args.method_options(),
+        method_options={**args.method_options(), "empty_prompt_embeds": empty_prompt},
     )
 
 
@@ -350,8 +359,12 @@ def run_evaluation(
     data = _load_data(args)
     models = models if models is not None else [load_clip(name, device) for name in args.models]
     templates = PROMPT_SETS[args.prompts]
-    class_embeds = {
-        m.name: class_text_embeddings(m.model, m.processor.tokenizer, data.class_names, templates) for m in models
+    class_embeds = {  # the classes' prompts, and the empty prompt (CLIP Surgery's redundant feature for one target)
+        m.name: (
+            class_text_embeddings(m.model, m.processor.tokenizer, data.class_names, templates),
+            empty_prompt_embedding(m.model, m.processor.tokenizer, templates),
+        )
+        for m in models
     }
     run = RunContext(args, methods, data.class_names, data.mask_column, tuple(templates), args.seed)
     scorers = [SCORERS[group](run) for group in groups]

@@ -23,8 +23,16 @@ change the ViT's forward pass at inference time (no new weights) so that the pat
 - ``patch_similarity``: the control: the unmodified model's patch tokens through ``post_layernorm`` and the visual
   projection.
 
-Every method ends the same way: patch features, L2-normalised, against the class text embeddings; per image and
-class a min-max over the patches to [0, 1]; the patch grid upsampled bilinearly to the image (:func:`dense_maps`).
+Every method ends the same way: patch features, L2-normalised, against the class text embeddings, the patch grid
+upsampled bilinearly to the image: the raw class scores (:func:`dense_scores`), whose per-pixel arg-max is the
+segmentation, as in NACLIP's and SCLIP's code; for display, per image and class a min-max over the patches to
+[0, 1] (:func:`dense_maps`, CLIP Surgery's ``get_similarity_map``).
+
+CLIP Surgery's redundant feature. With a fixed set of C ≥ 2 classes (segmentation: the dataset's classes) it is the
+paper's multi-class feature, the mean over the classes of the weighted element-wise products. For one target per
+image (:func:`target_maps`, the saliency maps) it is the single-class rule of the authors' demo: the text embedding
+of the empty prompt (the class-name slot of every template left empty, :func:`empty_prompt_embedding`), so that an
+image's map depends on its image and target only, not on the other images of its batch.
 
 The changes are forward hooks on the stock modules (:func:`patched_attention`): the weights are never touched,
 sdpa and eager attention both work (the new attention is computed here, from the q/k/v projections), peft-wrapped
@@ -44,7 +52,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers import CLIPModel, CLIPVisionModel, CLIPVisionModelWithProjection
 from transformers.models.clip.modeling_clip import CLIPAttention
 
-from ..modeling import vision_transformer
+from ..modeling import PROMPT_TEMPLATES, class_text_embeddings, eval_mode, vision_transformer
 from .registry import MapMethod, register_map_method
 
 SURGERY_DEPTH = 6  # encoder blocks (counted from the last) that get CLIP Surgery's v-v path, as in the paper
@@ -243,7 +251,8 @@ def clip_surgery_features(
 ) -> torch.Tensor:
     """CLIP Surgery's image features ``(B, 1 + N, D)`` (float32, not normalised): row 0 is stock CLIP's image
     embedding (bit for bit), rows 1.. the architecture-surgery patch tokens through ``post_layernorm`` and the
-    visual projection, N = (H // patch) · (W // patch) in row-major order.
+    visual projection, N = (H // patch) · (W // patch) in row-major order. Computed in eval mode (the model's
+    previous modes restored).
 
     Args:
         model: a `CLIPModel`, `CLIPVisionModelWithProjection` or `CLIPVisionModel` (then D is the tower's width).
@@ -251,7 +260,7 @@ def clip_surgery_features(
         image_processor: the model's image processor (its mean and std normalise the pixels).
         surgery_depth: how many of the last encoder blocks get the v-v path.
     """
-    with patched_attention(model, "clip_surgery", surgery_depth=surgery_depth):
+    with eval_mode(model), patched_attention(model, "clip_surgery", surgery_depth=surgery_depth):
         return _projected_tokens(model, pixels, image_processor)
 
 
@@ -307,19 +316,107 @@ def _patch_features(
         return _projected_tokens(model, pixels, image_processor)
 
 
-def _maps_from_scores(scores: torch.Tensor, grid: tuple[int, int], patch: int, size: tuple[int, int]) -> torch.Tensor:
-    """Patch scores ``(B, N, C)`` -> maps ``(B, C, H, W)`` in [0, 1]: min-max per image and class over the patches
-    (a constant class scores 0 everywhere), bilinear upsampling of the grid over the pixels the patches cover, and
-    the last row/column repeated over any remainder of the image the ViT's patches leave out."""
-    low, high = scores.amin(dim=1, keepdim=True), scores.amax(dim=1, keepdim=True)
-    scaled = (scores - low) / (high - low).clamp(min=torch.finfo(scores.dtype).tiny)
-    grid_maps = scaled.transpose(1, 2).reshape(scores.shape[0], scores.shape[2], *grid)
+def _upsample_scores(scores: torch.Tensor, grid: tuple[int, int], patch: int, size: tuple[int, int]) -> torch.Tensor:
+    """Patch scores ``(B, N, C)`` -> ``(B, C, H, W)``: bilinear upsampling of the grid over the pixels the patches
+    cover, and the last row/column repeated over any remainder of the image the ViT's patches leave out."""
+    grid_maps = scores.transpose(1, 2).reshape(scores.shape[0], scores.shape[2], *grid)
     covered = (grid[0] * patch, grid[1] * patch)
     maps = F.interpolate(grid_maps, size=covered, mode="bilinear", align_corners=False)
     return F.pad(maps, (0, size[1] - covered[1], 0, size[0] - covered[0]), mode="replicate")
 
 
+def _min_max(scores: torch.Tensor) -> torch.Tensor:
+    """Patch scores ``(B, N, C)`` min-max scaled to [0, 1] per image and class over the patches (a constant class
+    scores 0 everywhere)."""
+    low, high = scores.amin(dim=1, keepdim=True), scores.amax(dim=1, keepdim=True)
+    return (scores - low) / (high - low).clamp(min=torch.finfo(scores.dtype).tiny)
+
+
+def _check_dense(model: nn.Module, pixels: torch.Tensor, class_text_embeds: torch.Tensor, method: str) -> int:
+    """Validate a dense call; returns the patch size."""
+    if method not in DENSE_METHODS:
+        raise ValueError(f"method={method!r} is not one of {DENSE_METHODS}.")
+    if class_text_embeds.dim() != 2:
+        raise ValueError(f"class_text_embeds must have shape (C, D); got {tuple(class_text_embeds.shape)}.")
+    patch = vision_transformer(model).config.patch_size
+    if min(pixels.shape[-2:]) < patch:
+        raise ValueError(f"Image size {pixels.shape[-2]}x{pixels.shape[-1]} is smaller than one {patch}x{patch} patch.")
+    return patch
+
+
 @torch.no_grad()
+def patch_scores(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    class_text_embeds: torch.Tensor,
+    method: str = "clip_surgery",
+    *,
+    image_processor,
+    redundant_embeds: torch.Tensor | None = None,
+    surgery_depth: int = SURGERY_DEPTH,
+    naclip_gaussian_std: float = NACLIP_GAUSSIAN_STD,
+) -> torch.Tensor:
+    """Raw class scores ``(B, N, C)`` (float32) of the N patches, in row-major order, with the model in eval mode.
+
+    The patch features of `method` (L2-normalised) against each class text embedding: ``clip_surgery`` through
+    :func:`feature_surgery` (multi-class rule, or ``f · (T_c − r)`` with `redundant_embeds` r), the others by cosine
+    similarity. Arguments as :func:`dense_scores`.
+    """
+    _check_dense(model, pixels, class_text_embeds, method)
+    with eval_mode(model):
+        features = _patch_features(model, pixels, method, image_processor, surgery_depth, naclip_gaussian_std)
+    if method == "clip_surgery":
+        return feature_surgery(features, class_text_embeds, redundant=redundant_embeds)
+    text = F.normalize(class_text_embeds.to(device=features.device, dtype=torch.float32), dim=-1)
+    return F.normalize(features[:, 1:], dim=-1) @ text.T
+
+
+def dense_scores(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    class_text_embeds: torch.Tensor,
+    method: str = "clip_surgery",
+    *,
+    image_processor,
+    redundant_embeds: torch.Tensor | None = None,
+    surgery_depth: int = SURGERY_DEPTH,
+    naclip_gaussian_std: float = NACLIP_GAUSSIAN_STD,
+    **options,
+) -> torch.Tensor:
+    """Raw class scores ``(B, C, H, W)`` (float32) at every pixel, for open-vocabulary segmentation: the arg-max over
+    C is the predicted class, the decision rule of NACLIP's and SCLIP's code (cosine similarities upsampled
+    bilinearly, no per-class rescaling). Cosine similarities in [−1, 1] for ``naclip``, ``sclip`` and
+    ``patch_similarity``; :func:`feature_surgery` scores for ``clip_surgery``. The registry's ``dense_fn``.
+
+    Args:
+        model: a `CLIPModel` or `CLIPVisionModelWithProjection` (or a peft/DDP wrapper of one), sdpa or eager; run in
+            eval mode, its previous mode restored.
+        pixels: ``(B, 3, H, W)`` in [0, 1], any size of at least one patch (position embeddings are interpolated).
+        class_text_embeds: ``(C, D)`` class text embeddings (e.g. prompt ensembles).
+        method: one of :data:`DENSE_METHODS`.
+        image_processor: the model's image processor (its mean and std normalise the pixels).
+        redundant_embeds: ``clip_surgery`` only: the redundant text embedding ``(D,)`` to subtract (the empty
+            prompt's, :func:`empty_prompt_embedding`) instead of the multi-class redundant feature (needed when
+            C = 1).
+        surgery_depth: ``clip_surgery``'s number of modified last blocks.
+        naclip_gaussian_std: σ of ``naclip``'s neighbourhood prior, in patches.
+        options: other methods' options, ignored.
+    """
+    patch = _check_dense(model, pixels, class_text_embeds, method)
+    scores = patch_scores(
+        model,
+        pixels,
+        class_text_embeds,
+        method,
+        image_processor=image_processor,
+        redundant_embeds=redundant_embeds,
+        surgery_depth=surgery_depth,
+        naclip_gaussian_std=naclip_gaussian_std,
+    )
+    size = (pixels.shape[-2], pixels.shape[-1])
+    return _upsample_scores(scores, (size[0] // patch, size[1] // patch), patch, size)
+
+
 def dense_maps(
     model: nn.Module,
     pixels: torch.Tensor,
@@ -332,39 +429,32 @@ def dense_maps(
     naclip_gaussian_std: float = NACLIP_GAUSSIAN_STD,
     **options,
 ) -> torch.Tensor:
-    """One map per class ``(B, C, H, W)`` (float32, each in [0, 1]) for open-vocabulary segmentation.
+    """One map per class ``(B, C, H, W)`` (float32, each in [0, 1]) for display and localisation: the patch scores
+    of :func:`patch_scores`, min-max normalised per image and class over the patches (as CLIP Surgery's
+    ``get_similarity_map``), the patch grid upsampled bilinearly to the image. Arguments as :func:`dense_scores`.
 
-    The patch features of `method` (L2-normalised) are scored against each class text embedding (``clip_surgery``
-    through :func:`feature_surgery`, the others by cosine similarity), min-max normalised per image and class over
-    the patches, and the patch grid is upsampled bilinearly to the image.
-
-    Args:
-        model: a `CLIPModel` or `CLIPVisionModelWithProjection` (or a peft/DDP wrapper of one), sdpa or eager.
-        pixels: ``(B, 3, H, W)`` in [0, 1], any size of at least one patch (position embeddings are interpolated).
-        class_text_embeds: ``(C, D)`` class text embeddings (e.g. prompt ensembles).
-        method: one of :data:`DENSE_METHODS`.
-        image_processor: the model's image processor (its mean and std normalise the pixels).
-        redundant_embeds: ``clip_surgery`` only: the empty-prompt text embedding ``(D,)`` to subtract instead of the
-            multi-class redundant feature (needed when C = 1).
-        surgery_depth: ``clip_surgery``'s number of modified last blocks.
-        naclip_gaussian_std: σ of ``naclip``'s neighbourhood prior, in patches.
-        options: other methods' options, ignored.
+    The rescaling changes which class is highest at a pixel: segment with :func:`dense_scores`, not these maps.
     """
-    if method not in DENSE_METHODS:
-        raise ValueError(f"method={method!r} is not one of {DENSE_METHODS}.")
-    if class_text_embeds.dim() != 2:
-        raise ValueError(f"class_text_embeds must have shape (C, D); got {tuple(class_text_embeds.shape)}.")
-    patch = vision_transformer(model).config.patch_size
+    patch = _check_dense(model, pixels, class_text_embeds, method)
+    scores = patch_scores(
+        model,
+        pixels,
+        class_text_embeds,
+        method,
+        image_processor=image_processor,
+        redundant_embeds=redundant_embeds,
+        surgery_depth=surgery_depth,
+        naclip_gaussian_std=naclip_gaussian_std,
+    )
     size = (pixels.shape[-2], pixels.shape[-1])
-    if min(size) < patch:
-        raise ValueError(f"Image size {size[0]}x{size[1]} is smaller than one {patch}x{patch} patch.")
-    features = _patch_features(model, pixels, method, image_processor, surgery_depth, naclip_gaussian_std)
-    if method == "clip_surgery":
-        scores = feature_surgery(features, class_text_embeds, redundant=redundant_embeds)
-    else:
-        text = F.normalize(class_text_embeds.to(device=features.device, dtype=torch.float32), dim=-1)
-        scores = F.normalize(features[:, 1:], dim=-1) @ text.T
-    return _maps_from_scores(scores, (size[0] // patch, size[1] // patch), patch, size)
+    return _upsample_scores(_min_max(scores), (size[0] // patch, size[1] // patch), patch, size)
+
+
+def empty_prompt_embedding(model: nn.Module, tokenizer, templates: tuple[str, ...] = PROMPT_TEMPLATES) -> torch.Tensor:
+    """CLIP Surgery's redundant feature for one class: the L2-normalised text embedding ``(D,)`` of the empty class
+    name in the prompt `templates` (the authors' demo: ``encode_text_with_prompt_ensemble(model, [""])``, with the
+    same ensemble as the class prompts)."""
+    return class_text_embeddings(model, tokenizer, [""], templates)[0]
 
 
 def target_maps(
@@ -374,28 +464,30 @@ def target_maps(
     method: str = "clip_surgery",
     *,
     image_processor,
-    redundant_embeds: torch.Tensor | None = None,
+    empty_prompt_embeds: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor:
     """Maps ``(B, H, W)`` in [0, 1] for one target text embedding per image (the registry's ``fn``).
 
-    The batch's distinct targets are the classes of :func:`dense_maps`, and each image keeps its own target's map.
-    For ``clip_surgery`` this decides the redundant feature: `redundant_embeds` (the empty-prompt embedding) when
-    given; otherwise the multi-class feature surgery over the batch's distinct targets when there are two or more
-    (so an image's map depends on which other classes share its batch, as with the paper's class set); with a single
-    distinct target and no `redundant_embeds`, r = 0, i.e. the plain similarity of the surgery features (the text
-    tokenizer, needed to embed the empty prompt, is not available here). Other `options` go to :func:`dense_maps`.
+    Each image's map is its target's :func:`dense_maps` map, a function of the image and its target only (not of
+    the rest of the batch). ``clip_surgery`` needs `empty_prompt_embeds`, the redundant feature of the paper's
+    single-class rule (:func:`empty_prompt_embedding`, with the class prompts' templates): ``f · (T − r)``. Other
+    `options` go to :func:`dense_maps`.
     """
     if text_embeds.dim() != 2 or text_embeds.shape[0] != pixels.shape[0]:
         raise ValueError(
             f"text_embeds of shape {tuple(text_embeds.shape)} for {pixels.shape[0]} images; pass one target text "
             "embedding per image, (B, D) (e.g. class_embeds[labels])."
         )
+    if method == "clip_surgery" and empty_prompt_embeds is None:
+        raise ValueError(
+            "clip_surgery maps for one target need empty_prompt_embeds=, CLIP Surgery's redundant feature: "
+            "hf_clip_aft.interpret.surgery.empty_prompt_embedding(model, tokenizer, templates), with the templates "
+            "of the class prompts (the evaluation and the page pass it)."
+        )
     classes, targets = torch.unique(text_embeds, dim=0, return_inverse=True)
-    if method == "clip_surgery" and redundant_embeds is None and classes.shape[0] == 1:
-        redundant_embeds = torch.zeros_like(classes[0])
     maps = dense_maps(
-        model, pixels, classes, method, image_processor=image_processor, redundant_embeds=redundant_embeds, **options
+        model, pixels, classes, method, image_processor=image_processor, redundant_embeds=empty_prompt_embeds, **options
     )
     return maps[torch.arange(maps.shape[0], device=maps.device), targets.to(maps.device)]
 
@@ -421,7 +513,7 @@ for _name, (_label, _description) in _DESCRIPTIONS.items():
             needs="none",
             description=_description,
             fn=partial(target_maps, method=_name),
-            dense_fn=partial(dense_maps, method=_name),
+            dense_fn=partial(dense_scores, method=_name),
             default=False,  # opt-in: `--methods all` keeps the gradient and attention maps (`all training-free`)
         )
     )
