@@ -3,56 +3,44 @@
 from importlib import import_module
 from importlib.metadata import version
 
-from .attack import adversarial_perturbation
-from .config import AFTConfig
-from .convert import convert_open_clip_visual
-from .release import (
-    CardOptions,
-    TrainingRecord,
-    check_push_access,
-    export_checkpoint,
-    export_clip,
-    push_folder,
-    render_card,
-    render_llava_card,
-    save_llava,
-    swap_llava_vision_tower,
-    validate_export,
-    write_card,
-)
-from .trainer import AFTTrainer
-
 __version__ = version("hf_clip_aft")
 
-# The evaluation package is imported on first use (PEP 562), so that training never loads it.
-_INTERPRET_NAMES = ("EvaluationArguments", "evaluate_models", "load_results", "saliency")
+# Every name is imported on first use (PEP 562): `import hf_clip_aft` (and so `hf-clip-aft --help`) loads neither
+# torch nor transformers, and training never loads the evaluation package.
+_EXPORTS = {
+    "AFTConfig": ".config",
+    "AFTTrainer": ".trainer",
+    "CardOptions": ".release",
+    "EvaluationArguments": ".interpret",
+    "TrainingRecord": ".release",
+    "adversarial_perturbation": ".attack",
+    "check_push_access": ".release",
+    "convert_open_clip_visual": ".convert",
+    "evaluate_models": ".interpret",
+    "export_checkpoint": ".release",
+    "export_clip": ".release",
+    "load_results": ".interpret",
+    "push_folder": ".release",
+    "render_card": ".release",
+    "render_llava_card": ".release",
+    "saliency": ".interpret",
+    "save_llava": ".release",
+    "swap_llava_vision_tower": ".release",
+    "validate_export": ".release",
+    "write_card": ".release",
+}
 
 
 def __getattr__(name: str):
-    if name in _INTERPRET_NAMES:
-        return getattr(import_module(".interpret", __name__), name)
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "AFTConfig",
-    "AFTTrainer",
-    "CardOptions",
-    "EvaluationArguments",
-    "TrainingRecord",
-    "adversarial_perturbation",
-    "check_push_access",
-    "convert_open_clip_visual",
-    "evaluate_models",
-    "export_checkpoint",
-    "export_clip",
-    "load_results",
-    "push_folder",
-    "render_card",
-    "render_llava_card",
-    "saliency",
-    "save_llava",
-    "swap_llava_vision_tower",
-    "validate_export",
-    "write_card",
-]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = sorted(_EXPORTS)

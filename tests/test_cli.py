@@ -3,7 +3,10 @@
 
 import json
 import re
-from importlib.metadata import entry_points
+import subprocess
+import sys
+from importlib.metadata import entry_points, version
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -37,8 +40,26 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path, suffix):
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_unknown_config_keys_are_named(tmp_path, suffix):
     config = write_config(tmp_path, suffix, {"atack_eps": 8})
-    with pytest.raises(ValueError, match=r"Unknown keys .*\['atack_eps'\]"):
+    with pytest.raises(ValueError, match=r"Unknown key 'atack_eps' \(did you mean 'attack_eps'\?\) in .*c\."):
         parse_args(TYPES, [str(config)])
+
+
+def test_a_misspelt_key_or_flag_is_one_line_naming_the_closest_valid_one(tmp_path, capsys):
+    config = write_config(tmp_path, ".yaml", {"output_dir": str(tmp_path), "atack_eps": 8, "lerning_rate": 1e-5})
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", str(config)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error == (
+        f"hf-clip-aft train: error: Unknown keys 'atack_eps' (did you mean 'attack_eps'?), 'lerning_rate' (did you "
+        f"mean 'learning_rate'?) in {config}; `--help` lists the valid ones.\n"
+    )
+    with pytest.raises(SystemExit):
+        cli.main(["train", str(REPO / "recipes" / "configs" / "demo.yaml"), "--atack_eps", "3"])
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Unknown flag '--atack_eps' (did you mean '--attack_eps'?)" in error
+    with pytest.raises(ValueError, match=r"Unexpected values \['stray'\] on the command line"):
+        parse_args(TYPES, ["stray"])
 
 
 def test_config_file_must_be_a_mapping(tmp_path):
@@ -105,10 +126,58 @@ def test_console_script_refuses_an_unknown_command(capsys):
         run_command("trian", [])
 
 
-def test_demo_recipe_trains_and_saves_a_loadable_clip(tmp_path, capsys):
-    demo = REPO / "recipes" / "configs" / "demo.yaml"
+def test_version(capsys):
+    cli.main(["--version"])
+    assert capsys.readouterr().out == f"hf-clip-aft {version('hf_clip_aft')}\n"
+
+
+def test_top_level_help_and_version_import_neither_torch_nor_transformers():
+    # The console script's module chain, in a fresh interpreter: what `hf-clip-aft --help` loads.
+    code = (
+        "import sys; from hf_clip_aft.cli import main; main(['--help']); main(['--version']); "
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'accelerate') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert done.stdout.splitlines()[-1] == "[]", done.stdout
+
+
+def test_train_help_shows_the_aft_options_first(capsys):
+    with pytest.raises(SystemExit):
+        run_command("train", ["--help"], prog="hf-clip-aft train")
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage: hf-clip-aft train [config.yaml|config.json] [--field value ...]\n")
+    first_option = re.findall(r"^  (--\w+)", printed, re.MULTILINE)[0]
+    assert first_option == "--attack_eps", first_option
+    # AFT's own fields, then the script's, then the inherited TrainingArguments last.
+    order = [
+        printed.index(f"\n  --{name} ")
+        for name in ("attack_steps", "model_name_or_path", "output_dir", "learning_rate")
+    ]
+    assert order == sorted(order) and printed.index("\nTrainingArguments:\n") < order[2]
+
+
+def test_app_help_states_each_default_once_and_describes_no_block(capsys):
+    with pytest.raises(SystemExit):
+        run_command("app", ["--help"], prog="hf-clip-aft app")
+    printed = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "(default: [])" not in printed and printed.count("first of each family") == 1
+    assert "(default: the first of each family)." in printed
+    assert "--no_block, --no-block Set block to false (the same as --block false)." in printed
+
+
+@pytest.mark.skipif(find_spec("deepspeed") is None, reason="DeepSpeed is not installed (the dev extra installs it)")
+def test_demo_recipe_trains_without_loading_deepspeed(tmp_path):
+    # The console script, as a user runs it: DeepSpeed is installed but not launched, so it must stay unimported
+    # (importing it prints "Setting accelerator to CPU" on CPU machines).
     out = tmp_path / "demo"
-    argv = [str(demo), "--model_name_or_path", TINY_CLIP, "--dataset_name", PHOTOS, "--output_dir", str(out)]
-    run_command("train", [*argv, "--max_steps", "3"])
-    assert f'CLIPModel.from_pretrained("{out}")' in capsys.readouterr().out
+    argv = ["--model_name_or_path", TINY_CLIP, "--dataset_name", PHOTOS, "--output_dir", str(out), "--max_steps", "3"]
+    done = subprocess.run(
+        [sys.executable, "-c", "from hf_clip_aft.cli import main; main()", "train", "recipes/configs/demo.yaml", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f'CLIPModel.from_pretrained("{out}")' in done.stdout
+    assert "Setting accelerator" not in done.stderr + done.stdout
     CLIPModel.from_pretrained(out)

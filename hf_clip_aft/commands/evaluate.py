@@ -7,7 +7,7 @@ writes eval/results.json (schema hf_clip_aft.eval/v1), eval/summary.md (a markdo
 and eval/saliency_grid.png (rows: images; columns: the image, then each model's map per method). Offline demo:
 
     python recipes/evaluate.py --models hf_clip_aft/assets/tiny-clip outputs/demo \
-        --dataset hf_clip_aft/assets/photos --split train --limit 8 --output eval-demo/
+        --dataset hf_clip_aft/assets/photos --split train --limit 8 --output outputs/eval-demo/
     hf-clip-aft evaluate recipes/configs/evaluate.yaml
 """
 
