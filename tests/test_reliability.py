@@ -21,7 +21,7 @@ import torch
 import yaml
 from huggingface_hub import constants as hub_constants
 from PIL import Image
-from transformers import AutoConfig, CLIPModel, CLIPVisionModelWithProjection, Trainer
+from transformers import AutoConfig, CLIPModel, CLIPProcessor, CLIPVisionModelWithProjection, Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_clip_aft import AFTConfig, AFTTrainer
@@ -609,3 +609,148 @@ def test_new_export_appears_with_one_rename(tmp_path, monkeypatch):
     (tmp_path / ".export-a1b2c3d4").mkdir()  # an earlier version's staging folder, left by a killed export
     export_clip(tower, TINY, tmp_path / "export")
     assert renames == ["export"] and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+# --- evaluation inputs: no silent wrong number (issue 24) --------------------------------------------------------
+
+
+def _localisation(mask: np.ndarray, saliency_map: torch.Tensor):
+    """The evaluation's localisation scorer on one 64 x 64 image (tiny-clip's size) with `mask` and `saliency_map`;
+    returns ``({metric: value}, notes)``."""
+    from hf_clip_aft.interpret import EvaluationArguments
+    from hf_clip_aft.interpret.registry import BatchContext, RunContext
+    from hf_clip_aft.interpret.scorers import LocalizationScorer
+
+    processor = CLIPProcessor.from_pretrained(TINY).image_processor
+    run = RunContext(EvaluationArguments(models=["m"], dataset="d"), ["simple_gradient"], ["a", "b"], "mask", (), 0)
+    scorer = LocalizationScorer(run)
+    batch = BatchContext(index=0, model_name="m", model=None, image_processor=processor, embed=None,
+                         pixels=torch.zeros(1, 3, 64, 64), labels=torch.zeros(1, dtype=torch.long),
+                         mask_images=[Image.fromarray(mask)], image_embeds=None, class_embeds=None, predictions=None,
+                         text_embeds=None, method="simple_gradient", maps=saliency_map[None])  # fmt: skip
+    scores = {score.metric: score.values for score in scorer.update(batch)}
+    scorer.results()
+    return {name: values.tolist() for name, values in scores.items()}, " ".join(scorer.notes)
+
+
+def _peak_off_the_object() -> torch.Tensor:
+    """A map whose peak (10) lies on rows 0-7, its second level (1) on the object (rows 24-39), 0 elsewhere."""
+    saliency_map = torch.zeros(64, 64)
+    saliency_map[:8] = 10.0
+    saliency_map[24:40] = 1.0
+    return saliency_map
+
+
+def _mask(top: int, object_value: int = 1) -> np.ndarray:
+    """0 background, `object_value` on rows 24-39, and 255 (unannotated) on rows 0-`top`."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[24:40] = object_value
+    mask[:top] = 255
+    return mask
+
+
+MASK_CASES = {  # mask -> (localisation scores, or None when the image is skipped; words of the note)
+    "all-unannotated": (np.full((64, 64), 255, np.uint8), None, "1 with no annotated pixel"),
+    # The map's peak lies on unannotated pixels: left out, the peak among the annotated ones is on the object, and
+    # the mass on them is not counted against the map.
+    "peak-on-unannotated": (_mask(8), {"pointing_game": [1.0], "energy_pointing_game": [1.0]}, ""),
+    "peak-on-background": (_mask(0), {"pointing_game": [0.0], "energy_pointing_game": [16 / (16 + 80)]}, ""),
+    "binary-0-255": (_mask(0, object_value=255), None, "store it as 1"),
+}
+
+
+@pytest.mark.parametrize("mask, expected, note", MASK_CASES.values(), ids=MASK_CASES.keys())
+def test_unannotated_mask_pixels_are_left_out_of_localisation(mask, expected, note):
+    scores, notes = _localisation(mask, _peak_off_the_object())
+    if expected is None:
+        assert all(values == [] for values in scores.values()) and note in notes
+    else:
+        assert notes == ""
+        for name, values in expected.items():
+            assert scores[name] == pytest.approx(values), name
+
+
+def test_a_mask_of_another_size_than_its_image_is_refused_naming_the_row(tmp_path):
+    from hf_clip_aft.interpret.batches import EvaluationData, iterate_batches
+
+    rows = {"image": [], "mask": [], "label": [0, 0]}
+    for i, mask_size in enumerate([(80, 80), (80, 40)]):
+        Image.new("RGB", (80, 80)).save(tmp_path / f"{i}.png")
+        Image.new("L", mask_size).save(tmp_path / f"{i}_mask.png")
+        rows["image"].append({"path": str(tmp_path / f"{i}.png"), "bytes": None})
+        rows["mask"].append({"path": str(tmp_path / f"{i}_mask.png"), "bytes": None})
+    features = datasets.Features({"image": datasets.Image(decode=False), "mask": datasets.Image(decode=False),
+                                  "label": datasets.ClassLabel(names=["a"])})  # fmt: skip
+    data = EvaluationData(datasets.Dataset.from_dict(rows, features=features), "image", "label", "mask", ["a"])
+    with pytest.raises(ValueError, match=r"mask of row 1 \(.*1\.png\) is 80x40 pixels but its image is 80x80"):
+        list(iterate_batches(data, batch_size=2))
+
+
+def test_a_16_bit_png_through_the_page_equals_its_8_bit_version(tmp_path):
+    from hf_clip_aft.app.comparison import compare, comparison_figure
+    from hf_clip_aft.app.comparison import open_image as page_image
+    from hf_clip_aft.interpret import load_clip
+
+    values = np.random.default_rng(0).integers(0, 256, (48, 64), dtype=np.uint16)
+    Image.fromarray(values.astype(np.uint8)).save(tmp_path / "8-bit.png")
+    Image.fromarray(values * 257).save(tmp_path / "16-bit.png")  # 0-65535, what a scientific camera writes
+    with Image.open(tmp_path / "16-bit.png") as raw:
+        assert raw.mode.startswith("I") and (np.asarray(raw.convert("RGB")) == 255).mean() > 0.99  # PIL's: white
+    eight, sixteen = page_image(tmp_path / "8-bit.png"), page_image(tmp_path / "16-bit.png")
+    assert np.array_equal(np.asarray(eight), np.asarray(sixteen))
+    model = load_clip(TINY, "cpu")
+    figures = [comparison_figure(compare(image, [model], ["cat", "dog"], ["attention"])) for image in (eight, sixteen)]
+    assert np.array_equal(np.asarray(figures[0]), np.asarray(figures[1]))
+    # compare() given the 16-bit image itself converts it the same way (no white image).
+    direct = compare(Image.open(tmp_path / "16-bit.png"), [model], ["cat", "dog"], ["attention"])
+    assert np.array_equal(np.asarray(comparison_figure(direct)), np.asarray(figures[0]))
+
+
+def test_the_package_opens_images_through_one_function():
+    """No module but hf_clip_aft.data opens an image file or converts to RGB with PIL's plain conversion."""
+    package = Path(__file__).resolve().parents[1] / "hf_clip_aft"
+    offenders = []
+    for path in package.rglob("*.py"):
+        if path == package / "data.py":
+            continue
+        text = path.read_text()
+        if "Image.open(" in text or '.convert("RGB")' in text:
+            offenders.append(str(path.relative_to(package)))
+    assert offenders == []
+
+
+HOSTILE_REPO_IDS = {  # argument -> value that is no Hub repository id
+    "parent-path": ("repo_id", "../x"),
+    "absolute-path": ("repo_id", "/tmp/x"),
+    "three-parts": ("repo_id", "a/b/c"),
+    "double-dash": ("repo_id", "org/x--y"),
+    "home-path": ("repo_id", "~/x"),
+    "space-absolute": ("space", "/etc"),
+    "space-parent": ("space", "../x"),
+    "space-no-namespace": ("space", "demo"),
+}
+
+
+@pytest.mark.parametrize("argument, value", HOSTILE_REPO_IDS.values(), ids=HOSTILE_REPO_IDS.keys())
+def test_push_refuses_hostile_repo_ids_before_anything(tmp_path, monkeypatch, argument, value):
+    from hf_clip_aft.commands import push
+    from hf_clip_aft.release import hub
+
+    monkeypatch.setattr(hub, "HfApi", lambda *a, **k: pytest.fail("the Hub was contacted"))
+    checkpoint = tmp_path / "run"
+    checkpoint.mkdir()
+    values = {"checkpoint": str(checkpoint), "repo_id": "org/clip-aft", "dry_run": True, argument: value}
+    with pytest.raises(ValueError, match=rf"--{argument}={value!r} is not a Hub repository id"):
+        push.main(push.PushArguments(**values))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no -hub or -space folder
+
+
+def test_llava_explain_given_a_clip_folder_names_it(tmp_path):
+    from hf_clip_aft.cli import run_command
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    argv = ["--llava", TINY, "--vision", TINY, "--images", str(tmp_path / "images"), "--output", str(tmp_path / "o")]
+    with pytest.raises(TypeError, match=rf"--llava '{TINY}'.*CLIPModel.*the AFT CLIP goes to --vision"):
+        run_command("llava_explain", argv)
+    assert not (tmp_path / "o").exists()

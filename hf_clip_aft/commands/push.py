@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hf_clip_aft.release import CardOptions, TrainingRecord, export_checkpoint, write_card
-from hf_clip_aft.release.hub import check_push_access, format_listing, push_folder, upload_listing
+from hf_clip_aft.release.hub import check_push_access, check_repo_id, format_listing, push_folder, upload_listing
 from hf_clip_aft.release.space import push_space, space_models, write_space
 
 
@@ -60,7 +60,11 @@ ARGUMENTS = (PushArguments,)
 
 def main(args: PushArguments) -> None:
     """Export, card, validate and upload (or, with ``dry_run``, list what would be uploaded)."""
-    # Access is checked first: a missing token should not cost an export.
+    # The ids are checked before anything is written (a path given as --repo_id must not become a folder name).
+    check_repo_id(args.repo_id, "--repo_id")
+    if args.space is not None:
+        check_repo_id(args.space, "--space", namespace=True)
+    # Access is checked next: a missing token should not cost an export.
     repo_id = args.repo_id if args.dry_run else check_push_access(args.repo_id, private=args.private)
     output_dir = Path(args.output_dir or f"{args.checkpoint.rstrip('/')}-hub")
     record = (TrainingRecord.load(args.checkpoint) or TrainingRecord()).with_sources(

@@ -149,7 +149,10 @@ def _mask_values(mask: Image.Image) -> np.ndarray:
     are), the shared value of a grey RGB mask, or, for a colour mask, 1 on every pixel that is not black."""
     if mask.mode == "1":
         return np.asarray(mask, dtype=np.uint8)
-    array = np.asarray(mask if mask.mode in ("L", "P", "RGB") or mask.mode.startswith("I") else mask.convert("RGB"))
+    if mask.mode in ("L", "P", "RGB") or mask.mode.startswith("I"):
+        array = np.asarray(mask)
+    else:  # LA, RGBA, CMYK...: the colour values, any alpha band dropped (a mask's transparency is no label)
+        array = np.asarray(mask.convert("RGBA"))[..., :3]
     if array.ndim == 3:
         grey = (array == array[..., :1]).all()
         array = array[..., 0] if grey else array.any(axis=-1).astype(np.uint8)

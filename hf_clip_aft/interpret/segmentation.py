@@ -134,7 +134,7 @@ def class_masks_to_tensor(masks: Sequence[Image.Image], image_processor) -> torc
                 f"mask: segmentation needs single-channel masks of class indices in [0, 255] ({IGNORE_INDEX}: "
                 "unannotated); convert colour-coded masks to indices first."
             )
-        labels.append(Image.fromarray(array.astype(np.uint8)).convert("RGB"))
+        labels.append(Image.fromarray(np.repeat(array.astype(np.uint8)[..., None], 3, axis=-1)))  # RGB, as processed
     out = image_processor(
         images=labels, do_normalize=False, do_rescale=False, resample=Image.Resampling.NEAREST, return_tensors="pt"
     )

@@ -65,6 +65,27 @@ def check_model_source(name: str | os.PathLike) -> None:
         ) from None
 
 
+def check_repo_id(repo_id: str, argument: str = "repo_id", *, namespace: bool = False) -> str:
+    """`repo_id` unchanged if it is a Hub repository id by huggingface_hub's rules (``validate_repo_id``: ``name``
+    or ``namespace/name``, letters, digits, ``-``, ``_`` and ``.``, no ``--`` or ``..``, at most 96 characters per
+    part, no ``.git`` ending), and has a namespace when `namespace` is set.
+
+    Raises:
+        ValueError: naming `argument`, the value and the rule, before anything is written or sent.
+    """
+    try:
+        validate_repo_id(repo_id)
+        if namespace and "/" not in repo_id:
+            raise HFValidationError("it has no namespace")
+    except HFValidationError as err:
+        form = "'namespace/name'" if namespace else "'name' or 'namespace/name'"
+        raise ValueError(
+            f"{argument}={repo_id!r} is not a Hub repository id ({err}). Give {form}, e.g. org/clip-aft-vit-b-16: "
+            "letters, digits, '-', '_' and '.', not a path."
+        ) from None
+    return repo_id
+
+
 def check_push_access(repo_id: str, token: str | None = None, private: bool | None = None) -> str:
     """Fail fast, before a long run, unless the token can write to `repo_id`; create the repo if it is missing.
 
@@ -79,7 +100,9 @@ def check_push_access(repo_id: str, token: str | None = None, private: bool | No
     Raises:
         PermissionError: no token, a rejected token, or no write access to `repo_id`; the message says how to fix it.
         ConnectionError: the Hub cannot be reached (offline, a proxy, ``HF_HUB_OFFLINE=1``); the message says so.
+        ValueError: `repo_id` is not a Hub repository id (:func:`check_repo_id`).
     """
+    check_repo_id(repo_id)
     api = HfApi(token=token)
     try:
         user = api.whoami()["name"]

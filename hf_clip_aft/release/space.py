@@ -19,7 +19,7 @@ from pathlib import Path
 from huggingface_hub import CommitInfo, HfApi, SpaceCard, SpaceCardData
 
 from .card import TAGS
-from .hub import format_listing, upload_listing
+from .hub import check_repo_id, format_listing, upload_listing
 from .names import on_hub
 
 logger = logging.getLogger(__name__)
@@ -128,8 +128,7 @@ def write_space(
     local = [m for m in models if not on_hub(m)]
     if local:
         raise ValueError(f"{local} are local paths; a Space loads models from the Hub: push them and give their ids.")
-    if space_id.count("/") != 1:
-        raise ValueError(f"space_id={space_id!r} must be 'namespace/name' (e.g. org/clip-aft-demo).")
+    check_repo_id(space_id, "space_id", namespace=True)
     if folder.exists() and not set(os.listdir(folder)) <= set(SPACE_FILES):
         raise ValueError(f"{folder} exists and holds other files than a Space's {SPACE_FILES}; choose another folder.")
     requirement = requirement or default_requirement()
@@ -180,6 +179,7 @@ def push_space(
     Returns the commit, or None on a dry run (which checks the folder and uploads nothing). The token comes from
     ``hf auth login`` or ``HF_TOKEN`` unless given, and is never written anywhere.
     """
+    check_repo_id(space_id, "space_id", namespace=True)
     check_space(folder)
     action = "Would upload" if dry_run else "Uploading"
     logger.info("%s %s to the Space %s:\n%s", action, folder, space_id, format_listing(upload_listing(folder)))
