@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from transformers import CLIPModel, CLIPProcessor
 from hf_clip_aft.cli import parse_args
 from hf_clip_aft.commands import dissect as dissect_command
 from hf_clip_aft.interpret import dissect as d
+from hf_clip_aft.model_configs import clip_config
 
 TINY = str(Path(__file__).resolve().parents[1] / "hf_clip_aft" / "assets" / "tiny-clip")
 PHOTOS = str(Path(__file__).resolve().parents[1] / "hf_clip_aft" / "assets" / "photos")
@@ -106,11 +108,137 @@ def test_the_null_labels_planted_units_and_not_the_constant_one():
     assert summary["threshold"] < min(units[0]["similarity"], units[1]["similarity"])
 
 
-def test_quantile_thresholds_match_torch_quantile():
-    maps = torch.randn(7, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+def test_the_swapped_marginal_is_a_masked_logsumexp():
+    """A null unit replaces a layer unit in log p(m): the replaced row is left out exactly, even when it dominates a
+    concept (there "total - own" would cancel to nothing), and the new unit is added with logaddexp."""
+    conditional = torch.tensor([[0.0, -3.0], [-60.0, -2.0], [-61.0, -2.5]], dtype=torch.float64)  # unit 0 dominates m=0
+    marginal = d.LayerMarginal(conditional)
+    replaces = torch.tensor([0, 1, 2, 0])
+    new = torch.tensor([[-70.0, -1.0], [-5.0, -9.0], [-0.5, -2.0], [-80.0, -80.0]], dtype=torch.float64)
+    brute = []
+    for r, row in zip(replaces.tolist(), new):
+        masked = conditional.clone()
+        masked[r] = -math.inf
+        brute.append(torch.logaddexp(torch.logsumexp(masked, dim=0), row) - math.log(3))
+    swapped = marginal.log_marginal_swapped(replaces, new)
+    assert torch.allclose(swapped, torch.stack(brute), rtol=0, atol=1e-12)
+    # Unit 0 swapped for a weak unit: p(m=0) is the other units' (about -60 - log 3), not the rounding residue.
+    expected = math.log(math.exp(-60) + math.exp(-61) + math.exp(-70)) - math.log(3)
+    assert swapped[0, 0].item() == pytest.approx(expected, rel=1e-12)
+
+
+def sharp_layer(orphan_images: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """10 units, unit u firing on the 10 images of concept u, plus `orphan_images` images of an 11th concept no unit
+    fires on; P one-hot (cosine 1 vs 0), so soft-WPMI's softmax at temperature 10 is near-hard."""
+    concept = torch.cat([torch.arange(100) % 10, torch.full((orphan_images,), 10)])
+    image_concept = torch.nn.functional.one_hot(concept, 11).float()
+    jitter = 1e-3 * torch.rand(len(concept), generator=torch.Generator().manual_seed(0))
+    return torch.stack([(concept == u).float() + jitter for u in range(10)], dim=1), image_concept
+
+
+@pytest.mark.parametrize("name", list(d.SIMILARITY_FUNCTIONS))
+def test_a_saturated_null_still_labels_the_planted_units(name):
+    """Shuffled units whose top images hold several orphan-concept images own that concept's whole mass: their
+    soft-WPMI reaches the cap log U, and so does the null's 95th percentile. The planted units, at the cap too,
+    are still labelled (ordered by log p(m | B_k)); so they are with WPMI and cos³, which have no cap."""
+    activations, image_concept = sharp_layer()
+    args = d.DissectionArguments(similarity=name, top_k=10, null_units=1000, figure_images=3)
+    summary, units = d.clip_dissect_layer(activations, image_concept, [f"c{i}" for i in range(11)], range(200), args)
+    assert [u["concept"] for u in units] == [f"c{i}" for i in range(10)]
+    assert [u["labelled"] for u in units] == [True] * 10
+    if name == "soft_wpmi":
+        scores = d.layer_scores(name, activations, image_concept, 10)
+        test = d.null_test(scores, activations, 1000, 0.95, torch.Generator().manual_seed(0))
+        assert test.threshold == pytest.approx(math.log(10), rel=1e-6) and test.conditional < -1
+        assert summary["threshold"] == pytest.approx(math.log(10), rel=1e-6)
+
+
+def test_float32_log_probabilities_would_change_labels():
+    """Why the log-probabilities are float64: soft-WPMI sums 100 log terms of a few nats each, so float32 is off by
+    about 1e-4 nats, enough to swap near-synonym concepts (text embeddings 1e-4 apart, like "cat" / "cats" in a
+    20k vocabulary) for some units. The float64 path is the formula written out (test above)."""
+    generator = torch.Generator().manual_seed(0)
+    images, base = torch.randn(300, 32, generator=generator), torch.randn(50, 32, generator=generator)
+    text = torch.cat([base, base + 1e-4 * torch.randn(50, 32, generator=generator)])
+    image_concept = d.image_concept_similarity(images, text)
+    activations = torch.randn(300, 100, generator=generator)
+    ours = d.soft_wpmi(activations, image_concept, top_k=100)
+    probs = torch.softmax(d.SOFT_WPMI_TEMPERATURE * image_concept, dim=1)  # the same formula in float32
+    top = torch.topk(activations, 100, dim=0).indices
+    weights = d.rank_weights(100).float().view(-1, 1, 1)
+    conditional = torch.log(1 + weights * (probs[top] - 1) + d.MIN_PROB).sum(dim=0)
+    single = conditional - (torch.logsumexp(conditional, dim=0, keepdim=True) - math.log(100))
+    assert (ours - single).abs().max().item() > 1e-5
+    assert (ours.argmax(dim=1) != single.argmax(dim=1)).sum().item() > 0
+
+
+def test_the_scatter_tally_equals_a_one_hot_product():
+    """The tally's scatter-adds over labelled pixels equal the one-hot matrix product they replace, channel by
+    channel, and the union counts only the images a category annotates."""
+    generator = torch.Generator().manual_seed(3)
+    maps = torch.rand(5, 6, 3, 3, generator=generator)
+    thresholds = torch.full((6,), 0.6)
+    labels = torch.randint(0, 7, (5, 2, 9, 9), generator=generator)  # two channels per image, ids 0 … 6
+    tally = d.ConceptTally(6)
+    intersections = torch.zeros(6, 7, dtype=torch.float64)
+    active = torch.zeros(6, dtype=torch.float64)
+    labelled = torch.zeros(7, dtype=torch.float64)
+    for i in range(4):  # image 4 is not annotated in this category
+        masks = d.unit_masks(maps[i], thresholds, 9)
+        tally.update(masks, labels[i].flatten(1))
+        active += masks.sum(dim=1)
+        for channel in labels[i]:
+            onehot = torch.nn.functional.one_hot(channel.flatten(), 7).double()
+            onehot[:, 0] = 0
+            intersections += masks.double() @ onehot
+            labelled += onehot.sum(dim=0)
+    assert torch.equal(tally.intersections, intersections)
+    assert torch.equal(tally.active, active) and torch.equal(tally.labelled, labelled)
+    assert torch.equal(tally.iou(), d.dissection_iou(intersections, active, labelled))
+
+
+def test_units_whose_iou_is_zero_everywhere_get_no_concept():
+    tally = d.ConceptTally(2, 3)
+    tally.update(torch.tensor([[True, False, False], [False, False, True]]), torch.tensor([[1, 2, 0]]))
+    summary, units = d.describe_detectors({"object": tally}, {"object": ["-", "cat", "dog"]}, {"object": None}, 0.04)
+    assert units[0] == {"unit": 0, "concept": "cat", "category": "object", "iou": 1.0, "detector": True}
+    assert units[1] == {"unit": 1, "concept": None, "category": None, "iou": 0.0, "detector": False}
+    assert summary["detectors"] == 1 and summary["unique_detector_concepts"] == 1
+
+
+def test_streamed_thresholds_are_within_one_bin_of_torch_quantile():
+    """The sketch's error against the exact quantile stays below one bin width, also after its range grew: on this
+    stream (3,000 maps of 4 x 4 cells, the scale growing 8-fold) the largest error is below 0.1% of each unit's
+    range with the default 2,048 bins."""
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(300, 5, 4, 4, generator=generator) * (1 + i) ** 0.9 + i for i in range(10)]
+    maps = torch.cat(batches)
+    sketch = d.QuantileSketch(5)
+    for batch in batches:
+        sketch.update(batch)
+    values = maps.transpose(0, 1).reshape(5, -1).double()
+    spread = values.amax(dim=1) - values.amin(dim=1)
     for quantile in (0.005, 0.04, 0.5):
-        expected = torch.quantile(maps.transpose(0, 1).reshape(3, -1), 1 - quantile, dim=1)
-        assert torch.allclose(d.quantile_thresholds(maps, quantile), expected, atol=1e-6)
+        expected = torch.quantile(values, 1 - quantile, dim=1)
+        error = (sketch.quantile(1 - quantile) - expected).abs()
+        assert (error <= sketch.width).all()
+        assert (error / spread).max().item() < 1e-3
+    error = (d.quantile_thresholds(maps, 0.005).double() - torch.quantile(values, 0.995, dim=1)).abs()
+    assert (error <= 2 * spread / (d.QUANTILE_BINS - 2)).all()  # the documented bound, whatever the batches
+    with pytest.raises(ValueError, match="quantile"):
+        d.quantile_thresholds(maps, 1.5)
+
+
+def test_the_sketch_memory_does_not_grow_with_the_probe_set():
+    sketch = d.QuantileSketch(3, bins=64)
+    sizes = set()
+    for i in range(20):
+        sketch.update(torch.randn(50, 3, 2, 2) * (i + 1))
+        sizes.add(tuple(sketch.counts.shape))
+    assert sizes == {(3, 64)} and sketch.counts.sum(dim=1).tolist() == [20 * 50 * 4] * 3
+    constant = d.QuantileSketch(1, bins=8)
+    constant.update(torch.full((4, 1, 2, 2), 2.5))
+    assert constant.quantile(0.9).item() == pytest.approx(2.5)
 
 
 def test_iou_is_one_for_a_map_equal_to_the_mask_and_counted_over_the_dataset():
@@ -216,12 +344,17 @@ def test_label_maps_follow_the_image_geometry_and_keep_their_ids():
     assert out[0, :, :16].eq(0).all() and out[0, :, 16:].eq(300).all()  # centre crop keeps the middle, split in half
 
 
-def test_concept_files_and_the_default_vocabulary(tmp_path):
+def test_concept_files_and_the_default_vocabulary(tmp_path, caplog):
     path = tmp_path / "concepts.txt"
     path.write_text("dog\n\n cat \ndog\n")
-    assert d.load_concepts(path) == ["dog", "cat"]
+    with caplog.at_level("WARNING"):
+        assert d.load_concepts(path) == ["dog", "cat"]
+    assert "concepts.txt lists 1 concepts more than once (dog)" in caplog.text
     path.write_text("\n\n")
     with pytest.raises(ValueError, match="no concepts"):
+        d.load_concepts(path)
+    path.write_bytes("café\nnaïve\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"concepts\.txt is not UTF-8 text .* save the concept file as UTF-8"):
         d.load_concepts(path)
     pytest.importorskip("wordfreq")
     words = d.default_vocabulary(200)
@@ -229,18 +362,11 @@ def test_concept_files_and_the_default_vocabulary(tmp_path):
     assert all(w.isalpha() and len(w) >= 3 for w in words)
 
 
-def test_the_command_writes_valid_outputs_offline(tmp_path):
-    # A second model: the tiny CLIP with a perturbed vision tower stands in for the AFT model.
-    other = CLIPModel.from_pretrained(TINY)
-    with torch.no_grad():
-        for parameter in other.vision_model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    other.save_pretrained(tmp_path / "other")
-    CLIPProcessor.from_pretrained(TINY).save_pretrained(tmp_path / "other")
+def test_the_command_writes_valid_outputs_offline(tmp_path, aft_stand_in):
     concepts = tmp_path / "concepts.txt"
     concepts.write_text("cat\nhorse\nclock\nrocket\nstars\ncoffee\n")
     argv = [
-        *("--models", TINY, str(tmp_path / "other")),
+        *("--models", TINY, aft_stand_in),
         *("--probe_dataset", PHOTOS, "--concepts", str(concepts), "--layers", "0", "-1"),
         *("--top_k", "3", "--null_units", "50", "--device", "cpu", "--output", str(tmp_path / "out")),
     ]
@@ -260,3 +386,33 @@ def test_the_command_writes_valid_outputs_offline(tmp_path):
     del broken["layers"][0]["units"][0]["concept"]
     with pytest.raises(ValueError, match=r"layers\[0\]\.units\[0\]"):
         d.validate_dissection(broken)
+
+
+def test_an_unreadable_probe_image_is_skipped_logged_and_counted(tmp_path, caplog):
+    probe = tmp_path / "probe"
+    shutil.copytree(PHOTOS, probe)
+    (probe / "broken.jpg").write_bytes(b"not a JPEG")
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("cat\nclock\n")
+    argv = [
+        *("--models", TINY, "--probe_dataset", str(probe), "--concepts", str(concepts), "--layers", "0"),
+        *("--top_k", "2", "--null_units", "20", "--device", "cpu", "--output", str(tmp_path / "out")),
+    ]
+    (args,) = parse_args(dissect_command.ARGUMENTS, argv)
+    with caplog.at_level("WARNING"):
+        results = d.dissect_models(args)
+    assert results["dataset"]["num_images"] == 8 and results["dataset"]["skipped_images"] == 1
+    assert "Skipping an unreadable probe image" in caplog.text and "broken.jpg" in caplog.text
+    assert "1 unreadable probe images were skipped" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_units_are_read_in_eval_mode_and_the_mode_is_restored():
+    config = clip_config("tiny")
+    config.vision_config.attention_dropout = 0.5
+    torch.manual_seed(0)
+    model = CLIPModel(config).train()
+    processor = CLIPProcessor.from_pretrained(TINY).image_processor
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    first, _ = d.unit_tokens(model, pixels, processor, [1], "mlp")
+    second, _ = d.unit_tokens(model, pixels, processor, [1], "mlp")
+    assert model.training and torch.equal(first[1], second[1])
