@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .broden import is_broden
 from .constants import (
     DEFAULT_VOCABULARY_SIZE,
     NETDISSECT_IOU_THRESHOLD,
@@ -167,5 +168,10 @@ class DissectionArguments:
             )
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit={self.limit} must be a positive number of images (or omitted for all).")
+        if is_broden(self.probe_dataset) and (self.mask_columns or self.mask_labels):
+            raise ValueError(
+                f"{self.probe_dataset} is a Broden folder: its categories and label names come from its csv files; "
+                "drop mask_columns and mask_labels."
+            )
         if self.mask_labels and not self.mask_columns:
             raise ValueError("mask_labels names label maps but mask_columns is empty; pass --mask_columns too.")

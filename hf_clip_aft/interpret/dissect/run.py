@@ -52,11 +52,6 @@ def load_probe_data(args: DissectionArguments) -> ProbeData:
     """The probe set of ``args``: a Broden folder (:func:`~.broden.load_broden`, every category) or a `datasets`
     dataset with ``args.mask_columns`` as categories; a seeded subset of ``args.limit`` images."""
     if is_broden(args.probe_dataset):
-        if args.mask_columns or args.mask_labels:
-            raise ValueError(
-                f"{args.probe_dataset} is a Broden folder: its categories and label names come from its csv files; "
-                "drop mask_columns and mask_labels."
-            )
         return load_broden(args.probe_dataset, args.split, args.limit, args.seed)
     return load_dataset_probe(
         args.probe_dataset,
