@@ -140,6 +140,25 @@ def test_relevance_on_a_tiny_llava_changes_no_weights(llava, method):
         llava_relevance(model, processor, IMAGE, "what is this?", max_new_tokens=0)
 
 
+@pytest.mark.parametrize("method", ["attention", "relevancy"])
+def test_relevance_runs_in_eval_mode_and_restores_the_mode(method):
+    """A LLaVA with attention dropout (0.5 in the language and vision towers), handed over in train mode, gives the
+    same map twice and is handed back in train mode."""
+    torch.manual_seed(0)
+    model, processor = tiny_llava_with_processor(TINY_CLIP)
+    for module in model.modules():
+        if hasattr(module, "attention_dropout"):  # the language model's attention
+            module.attention_dropout = 0.5
+        elif hasattr(module, "dropout") and isinstance(module.dropout, float):  # CLIP's attention
+            module.dropout = 0.5
+    model.train()
+    first, second = (
+        llava_relevance(model, processor, IMAGE, "what is this?", method=method, max_new_tokens=2) for _ in range(2)
+    )
+    assert first.token_ids == second.token_ids and torch.equal(first.maps, second.maps)
+    assert all(module.training for module in model.modules())
+
+
 def test_original_and_swapped_tower_differ_only_in_the_tower(llava):
     model, processor = llava
     torch.manual_seed(0)
