@@ -27,7 +27,7 @@ from transformers import (
     TrainerCallback,
 )
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from .attack import ExampleRandomness, adversarial_perturbation
 from .config import AFTConfig
@@ -270,15 +270,29 @@ class AFTTrainer(Trainer):
                 label_column=label_column if args.loss_type == "tecoa" else None,
             )
 
-        super().__init__(
-            model=vision,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=[*(callbacks or []), SkippedImages()],
-            optimizers=optimizers,
+        # Evaluations without an eval_dataset are allowed when a callback measures on its own images (the map
+        # monitor): the Trainer refuses eval_strategy != "no" without one, so it is told "no" while it checks.
+        eval_strategy = args.eval_strategy
+        if eval_dataset is None and any(getattr(cb, "measures_without_eval_dataset", False) for cb in callbacks or ()):
+            args.eval_strategy = IntervalStrategy.NO
+        try:
+            super().__init__(
+                model=vision,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=[*(callbacks or []), SkippedImages()],
+                optimizers=optimizers,
+            )
+        finally:
+            args.eval_strategy = eval_strategy
+        # Under peft, the adapters' initial values: the base is the model with them (restore_base_weights).
+        self._initial_adapters = (
+            {k: v.detach().clone() for k, v in vision.named_parameters() if v.requires_grad}
+            if peft_config is not None
+            else None
         )
         self._skipped = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, SkippedImages))
         self._checkpoint_staging: str | None = None  # the run folder stand-in while a checkpoint is written
@@ -500,13 +514,64 @@ class AFTTrainer(Trainer):
         return self._skipped.total
 
     def _load_callback_state(self) -> None:
-        """On resume: the skipped-images total goes on from the checkpoint's (whatever
-        ``restore_callback_states_from_checkpoint`` says about the other callbacks)."""
+        """On resume: the skipped-images total and every callback with a ``load_checkpoint_state`` method (the map
+        monitor) go on from the checkpoint's state, whatever ``restore_callback_states_from_checkpoint`` says
+        about the other callbacks (which the Trainer rebuilds from their saved arguments)."""
         saved = self.state.stateful_callbacks.get(SkippedImages.__name__)
-        super()._load_callback_state()  # may replace the callback by a restored copy
+        own = {type(cb).__name__: cb for cb in self.callback_handler.callbacks if hasattr(cb, "load_checkpoint_state")}
+        kept = {name: self.state.stateful_callbacks.pop(name) for name in own if name in self.state.stateful_callbacks}
+        try:
+            super()._load_callback_state()  # may replace a callback by a restored copy
+        finally:
+            self.state.stateful_callbacks.update(kept)
+        for name, state in kept.items():
+            own[name].load_checkpoint_state(state)
         self._skipped = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, SkippedImages))
         if saved:
             self._skipped.total = int(saved["args"]["total"])
+
+    # --- callbacks that measure the run (the map monitor) ---
+
+    def train(self, *args, **kwargs):
+        # Callbacks that need their trainer (the map monitor) bind here, whichever way they were added, and refuse
+        # a setup they cannot run in before any step.
+        for callback in self.callback_handler.callbacks:
+            if hasattr(callback, "bind_trainer"):
+                callback.bind_trainer(self)
+        return super().train(*args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The AFT loss (attack included) on the eval dataset, plus what the callbacks measure. Without an eval
+        dataset, only the callbacks that measure on their own images run (the map monitor): no attack."""
+        if eval_dataset is None and self.eval_dataset is None:
+            if not any(getattr(cb, "measures_without_eval_dataset", False) for cb in self.callback_handler.callbacks):
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)  # the Trainer's error
+            metrics: dict[str, float] = {}
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def check_base_restorable(self) -> None:
+        """Raise now if :meth:`restore_base_weights` could not run at the end (sharded weights)."""
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise NotImplementedError(
+                "The map monitor makes the base a candidate for the best model, but restoring the base's weights "
+                "under FSDP/DeepSpeed is not supported: set load_best_model_at_end=False (the verdict still says "
+                "whether the final model beats the base)."
+            )
+
+    def restore_base_weights(self) -> None:
+        """Put the base's weights back into the trained model (the base scored best: see the map monitor)."""
+        self.check_base_restorable()
+        model = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad():
+            if self.ref_model is not None:
+                model.load_state_dict(self.ref_model.state_dict())
+            else:
+                parameters = dict(model.named_parameters())
+                for name, value in self._initial_adapters.items():
+                    parameters[name].copy_(value)
+        logger.warning("The base's weights were restored: no checkpoint scored better than the base.")
 
     # --- checkpoints: written whole or not at all ---
 

@@ -1,12 +1,24 @@
-"""Interpretability during training: the monitor's numbers, the callback's steps, best checkpoint, guard, collapse."""
+"""Interpretability during training: the monitor's numbers, the callback's steps, the base as a candidate, the
+verdict, guard, collapse, and a best checkpoint that survives a SIGKILL."""
 
-import datasets
-import numpy as np
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
-from transformers import CLIPImageProcessorPil, TrainerCallback
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPVisionModelWithProjection,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+)
 
 from hf_clip_aft import AFTConfig, AFTTrainer
 from hf_clip_aft.interpret.monitor import (
@@ -16,29 +28,11 @@ from hf_clip_aft.interpret.monitor import (
     MonitorSettings,
     embedding_spread,
     majority_share,
+    verdict_text,
 )
+from hf_clip_aft.release.record import TrainingRecord
+from planted_monitor_run import METRIC, TINY, masked_scenes, planted_run
 from test_trainer import make_args as trainer_args
-
-
-def masked_scenes(count: int, size: int = 64, seed: int = 0) -> datasets.Dataset:
-    """A bright square on a dark noisy background; the mask is the square; the class is its colour."""
-    rng = np.random.default_rng(seed)
-    images, masks, labels = [], [], []
-    for _ in range(count):
-        pixels = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
-        side = int(rng.integers(16, 28))
-        top, left = (int(v) for v in rng.integers(0, size - side, size=2))
-        label = int(rng.integers(0, 2))
-        pixels[top : top + side, left : left + side] = (230, 40, 40) if label == 0 else (40, 40, 230)
-        mask = np.zeros((size, size), dtype=np.uint8)
-        mask[top : top + side, left : left + side] = 255
-        images.append(Image.fromarray(pixels))
-        masks.append(Image.fromarray(mask))
-        labels.append(label)
-    features = datasets.Features(
-        {"image": datasets.Image(), "mask": datasets.Image(), "label": datasets.ClassLabel(names=["red", "blue"])}
-    )
-    return datasets.Dataset.from_dict({"image": images, "mask": masks, "label": labels}, features=features)
 
 
 def test_spread_and_majority_share_known_answers():
@@ -79,57 +73,141 @@ def scenes():
     return masked_scenes(24), masked_scenes(8, seed=1)
 
 
-def monitored_trainer(tmp_path, tiny_clip_path, scenes, settings=None, mask_column="mask", **overrides):
+def scene_monitor(held_out, settings=None, mask_column="mask") -> MapMonitor:
+    """The monitor on `held_out`, with the shipped tiny CLIP's vision tower as the base."""
+    processor = CLIPImageProcessorPil.from_pretrained(TINY)
+    base = CLIPVisionModelWithProjection.from_pretrained(TINY)
+    settings = settings or MonitorSettings(batch_size=8, stop_after_collapses=0)
+    return MapMonitor.from_dataset(base, held_out, processor, mask_column=mask_column, settings=settings)
+
+
+def monitored_trainer(tmp_path, scenes, settings=None, mask_column="mask", monitor_steps=None, **overrides):
+    """An AFTTrainer with the monitor attached in one line, and no eval_dataset."""
     train, held_out = scenes
-    trainer = AFTTrainer(
-        tiny_clip_path, args=make_args(tmp_path, **overrides), train_dataset=train, eval_dataset=held_out
-    )
-    processor = CLIPImageProcessorPil.from_pretrained(tiny_clip_path)
-    settings = settings or MonitorSettings(batch_size=8)
-    monitor = MapMonitor.from_dataset(trainer.model, held_out, processor, mask_column=mask_column, settings=settings)
-    callback = MapMonitorCallback(trainer, monitor)
-    trainer.add_callback(callback)
+    callback = MapMonitorCallback(scene_monitor(held_out, settings, mask_column), monitor_steps=monitor_steps)
+    trainer = AFTTrainer(TINY, args=make_args(tmp_path, **overrides), train_dataset=train, callbacks=[callback])
     return trainer, callback
 
 
-def test_callback_logs_every_evaluation_and_the_best_checkpoint_is_exported(tmp_path, tiny_clip_path, scenes):
+def count_attacks(trainer) -> list[bool]:
+    """Record `model.training` at every AFT loss (attack included) the trainer computes."""
+    calls, compute_loss = [], trainer.compute_loss
+
+    def counted(model, inputs, *args, **kwargs):
+        calls.append(model.training)
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = counted
+    return calls
+
+
+def test_one_line_callback_logs_every_evaluation_without_attacking_the_held_out_images(tmp_path, scenes):
     trainer, callback = monitored_trainer(
-        tmp_path,
-        tiny_clip_path,
-        scenes,
-        save_strategy="steps",
-        save_steps=2,
-        metric_for_best_model="top_k_iou",
-        load_best_model_at_end=True,
+        tmp_path, scenes, save_strategy="steps", save_steps=2, metric_for_best_model="gini"
     )
+    attacks = count_attacks(trainer)
     trainer.train()
     logged = [(entry["step"], entry) for entry in trainer.state.log_history if "eval_energy_pointing_game" in entry]
     assert [step for step, _ in logged] == [0, 2, 4]
-    base = logged[0][1]
-    assert base["eval_embedding_drift"] == pytest.approx(0.0, abs=1e-10)  # the base against itself
+    assert logged[0][1]["eval_embedding_drift"] == pytest.approx(0.0, abs=1e-10)  # the base against itself
     for _, entry in logged:
         for name in ("gini", "pointing_game", "energy_pointing_game", "top_k_iou", "embedding_spread"):
             assert 0.0 <= entry[f"eval_{name}"] <= 1.0 + 1e-6
     assert logged[-1][1]["eval_embedding_drift"] > 0  # the weights moved (lr 1e-3)
-    values = {step: v["top_k_iou"] for step, v in callback.history[1:]}
-    best_step = max(values, key=values.get)
-    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
-    assert trainer.state.best_metric == pytest.approx(values[best_step])
-    # load_best_model_at_end: the model the run ends with (and exports) is the best checkpoint's.
-    best = load_file(f"{trainer.state.best_model_checkpoint}/model.safetensors")
-    state = trainer.model.state_dict()
-    assert all(torch.equal(state[name], tensor) for name, tensor in best.items())
+    assert all(entry["eval_monitor_seconds"] >= 0 for _, entry in logged[1:])  # the cost of each evaluation
+    # The AFT loss (and its attack) ran on the 4 training batches only, never in an evaluation.
+    assert attacks == [True] * 4 and not any("eval_loss" in entry for entry in trainer.state.log_history)
     summary = callback.summary()
-    assert summary["metric"] == "energy_pointing_game" and summary["final_step"] == 4
-    assert summary["exported_step"] == best_step
+    assert summary["metric"] == "gini" and summary["final_step"] == 4 and summary["verdict"]
 
 
-def test_greater_is_better_follows_the_registry(tmp_path, tiny_clip_path, scenes):
-    # deletion_auc (mask-free) is lower-is-better, though transformers guesses "greater" for any non-loss name.
+def test_monitor_steps_without_any_evaluation_schedule(tmp_path, scenes):
+    trainer, callback = monitored_trainer(tmp_path, scenes, monitor_steps=2, eval_strategy="no")
+    attacks = count_attacks(trainer)
+    trainer.train()
+    assert [step for step, _ in callback.history] == [0, 2, 4] and attacks == [True] * 4
+    assert callback.summary()["exported_step"] == 4
+
+
+def test_a_monitor_that_cannot_run_raises_before_training(tmp_path, scenes):
+    train, held_out = scenes
+    with pytest.raises(RuntimeError, match="not bound to a trainer"):  # a plain Trainer never binds it
+        Trainer(
+            CLIPVisionModelWithProjection.from_pretrained(TINY),
+            args=make_args(tmp_path, eval_strategy="no"),
+            callbacks=[MapMonitorCallback(scene_monitor(held_out))],
+        ).callback_handler.on_train_begin(make_args(tmp_path), TrainerState(), TrainerControl())
+    trainer, _ = monitored_trainer(tmp_path / "never", scenes, eval_strategy="no")
+    with pytest.raises(ValueError, match="would never measure: eval_strategy='no' and no monitor_steps"):
+        trainer.train()
     trainer, _ = monitored_trainer(
-        tmp_path, tiny_clip_path, scenes, mask_column=None, metric_for_best_model="deletion_auc"
+        tmp_path / "no-masks", scenes, mask_column=None, metric_for_best_model="energy_pointing_game"
     )
+    with pytest.raises(ValueError, match=r"metric_for_best_model='energy_pointing_game' needs object masks.*mask"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    with pytest.raises(ValueError, match="monitor_steps=0"):
+        MapMonitorCallback(scene_monitor(held_out), monitor_steps=0)
+
+
+def test_greater_is_better_follows_the_registry(tmp_path, scenes):
+    # deletion_auc (mask-free) is lower-is-better, though transformers guesses "greater" for any non-loss name.
+    trainer, callback = monitored_trainer(tmp_path, scenes, mask_column=None, metric_for_best_model="deletion_auc")
+    callback.bind_trainer(trainer)
     assert trainer.args.greater_is_better is False
+
+
+def test_every_evaluation_worse_than_the_base_exports_the_base(tmp_path):
+    out = tmp_path / "worse"
+    trainer, callback = planted_run(out, {0: 0.5, 2: 0.3, 4: 0.2})
+    base = CLIPModel.from_pretrained(TINY).vision_model.state_dict()
+    exported = CLIPModel.from_pretrained(out).vision_model.state_dict()
+    assert all(torch.equal(base[name], exported[name]) for name in base)  # bit for bit
+    summary = callback.summary()
+    assert summary["exported_step"] == 0 and summary["exported_is_base"] and summary["improved"] is False
+    assert "AFT did not improve top_k_iou over the base; the exported weights are the base's." in summary["verdict"]
+    record = TrainingRecord.load(out)
+    assert record.training_evaluation["verdict"] == summary["verdict"]
+    card = (out / "README.md").read_text()
+    assert "the exported weights are the base's" in card
+
+
+def test_the_best_checkpoint_is_exported_bit_for_bit_and_survives_a_sigkill(tmp_path):
+    """Improves at step 2 then degrades: the export is checkpoint-2's weights, and a run SIGKILLed at step 3 and
+    resumed ends with the same export and the same record as the uninterrupted run."""
+    schedule = {0: 0.5, 2: 0.7, 4: 0.4}
+    command = [sys.executable, str(Path(__file__).with_name("planted_monitor_run.py")), str(tmp_path / "killed")]
+    command += ["--schedule", ",".join(f"{step}:{value}" for step, value in schedule.items())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.Popen([*command, "--kill_at", "3"], env=env)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the subprocesses' arithmetic, so that the numbers agree to the bit
+    try:
+        planted_run(tmp_path / "whole", schedule)
+    finally:
+        torch.set_num_threads(threads)
+    assert killed.wait(timeout=300) == -9  # SIGKILL, after checkpoint-2 was complete
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == ["checkpoint-2"]
+    assert subprocess.run([*command, "--resume"], env=env, timeout=300).returncode == 0
+
+    for out in (tmp_path / "whole", tmp_path / "killed"):
+        state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+        assert state["best_model_checkpoint"] == str(out / "checkpoint-2")
+        best = load_file(out / "checkpoint-2" / "model.safetensors")
+        exported = CLIPModel.from_pretrained(out).vision_model.state_dict()
+        assert all(
+            torch.equal(exported[name.removeprefix("vision_model.")], value)
+            for name, value in best.items()
+            if name.startswith("vision_model.")
+        )
+    records = [TrainingRecord.load(tmp_path / name).to_dict() for name in ("whole", "killed")]
+    for record in records:
+        record.pop("train_runtime_s")
+    assert records[0] == records[1]
+    summary = records[0]["training_evaluation"]
+    assert summary["exported_step"] == 2 and summary["best_step"] == 2 and summary["improved"] is True
+    assert [summary["base"][METRIC], summary["best"][METRIC], summary["final"][METRIC]] == [0.5, 0.7, 0.4]
+    assert "The exported weights (step 2) improve top_k_iou over the base: 0.5000 → 0.7000." in summary["verdict"]
 
 
 class CorruptModel(TrainerCallback):
@@ -142,40 +220,61 @@ class CorruptModel(TrainerCallback):
                 model.vision_model.embeddings.patch_embedding.weight.zero_()
 
 
-def test_guard_and_collapse_fire_on_a_planted_degradation_and_stop(tmp_path, tiny_clip_path, scenes, caplog):
-    settings = MonitorSettings(batch_size=8, guard_patience=1, stop_if_maps_worse=True)
+@pytest.mark.parametrize(
+    ("settings", "stopped_at"),
+    [
+        (MonitorSettings(batch_size=8, guard_patience=1, stop_if_maps_worse=True), 2),  # at the first warning
+        (MonitorSettings(batch_size=8), 4),  # the default: after two collapsed measurements in a row
+    ],
+)
+def test_guard_and_collapse_fire_on_a_planted_degradation_and_stop(tmp_path, scenes, settings, stopped_at):
     trainer, callback = monitored_trainer(
-        tmp_path, tiny_clip_path, scenes, settings=settings, learning_rate=0.0, allow_no_op=True
+        tmp_path, scenes, settings=settings, learning_rate=0.0, allow_no_op=True, max_steps=6
     )
     trainer.add_callback(CorruptModel())
     trainer.train()
     assert any("heading towards a constant output" in w for w in callback.warnings)
     assert any("worse than the base's: energy_pointing_game" in w for w in callback.warnings)
-    assert trainer.state.global_step == 2  # stopped at the first evaluation
+    assert trainer.state.global_step == stopped_at
+    assert "warning(s) raised, the first: Step 2:" in callback.summary()["verdict"]
 
 
-def test_guard_stays_quiet_on_the_clean_control(tmp_path, tiny_clip_path, scenes):
+def test_guard_stays_quiet_on_the_clean_control(tmp_path, scenes):
     settings = MonitorSettings(batch_size=8, guard_patience=1, stop_if_maps_worse=True)
     trainer, callback = monitored_trainer(
-        tmp_path, tiny_clip_path, scenes, settings=settings, attack_eps=0.0, weight_decay=0.0, allow_no_op=True
+        tmp_path, scenes, settings=settings, attack_eps=0.0, weight_decay=0.0, allow_no_op=True
     )
     trainer.train()
     assert callback.warnings == [] and trainer.state.global_step == 4
     final = callback.history[-1][1]
     assert final["embedding_drift"] == pytest.approx(0.0, abs=1e-10)
+    assert "No warning raised." in callback.summary()["verdict"]
 
 
-def test_train_command_monitors_and_cards_the_training_time_evaluation(tmp_path):
+def test_verdict_known_answers():
+    base = {"deletion_auc": 0.30, "gini": 0.50}
+    summary = dict(
+        metric="deletion_auc", num_images=4, method="simple_gradient", base=base, best_step=2,
+        best={"deletion_auc": 0.20, "gini": 0.6}, final_step=4, final={"deletion_auc": 0.35, "gini": 0.4},
+        exported_step=4, exported={"deletion_auc": 0.35, "gini": 0.4}, exported_is_base=False, improved=False,
+        base_not_candidate="load_best_model_at_end is off, so the final weights are exported", warnings=[],
+    )  # fmt: skip
+    text = verdict_text(summary)
+    assert text.startswith("Map monitor verdict (4 held-out images, simple_gradient maps; selection metric deletion_")
+    assert "base 0.3000, best 0.2000 (step 2), final 0.3500 (step 4)." in text
+    assert "The exported weights (step 4) do NOT improve deletion_auc over the base (0.3000 → 0.3500): " in text
+    assert "Base → best → final: gini 0.5000 → 0.6000 → 0.4000." in text
+
+
+def test_train_command_monitors_and_cards_the_training_time_evaluation(tmp_path, capsys):
     from hf_clip_aft.cli import run_command
-    from hf_clip_aft.release.record import TrainingRecord
 
     out = tmp_path / "out"
     flags = {
         "--output_dir": str(out),
         "--max_steps": "2",
         "--attack_steps": "2",
-        "--eval_strategy": "steps",
-        "--eval_steps": "2",
+        "--monitor_steps": "2",
         "--monitor_maps": "true",
         "--monitor_split": "train",  # the photos have one split; a real run holds out a validation split
         "--monitor_max_images": "4",
@@ -186,12 +285,13 @@ def test_train_command_monitors_and_cards_the_training_time_evaluation(tmp_path)
     assert summary["metric"] == "deletion_auc" and summary["num_images"] == 4 and summary["final_step"] == 2
     assert {"accuracy", "majority_share", "gini", "insertion_auc"} <= set(summary["base"])  # the photos are labelled
     card = (out / "README.md").read_text()
-    assert "### Interpretability during training" in card
+    assert "### Interpretability during training" in card and summary["verdict"] in card
     assert f"| deletion_auc | {summary['base']['deletion_auc']:.4f} |" in card
+    assert summary["verdict"] in capsys.readouterr().out
 
 
 def test_train_command_refuses_monitoring_without_evaluations(tmp_path):
     from hf_clip_aft.cli import run_command
 
-    with pytest.raises(ValueError, match="eval_strategy='no'"):
+    with pytest.raises(ValueError, match="eval_strategy='no' and no monitor_steps"):
         run_command("train", ["recipes/configs/demo.yaml", "--output_dir", str(tmp_path), "--monitor_maps", "true"])

@@ -73,11 +73,21 @@ class ModelArguments:
 
 @dataclass
 class MonitorArguments:
-    """Interpretability measured during training (hf_clip_aft.interpret.monitor): needs eval_strategy and eval_steps."""
+    """Interpretability measured during training (hf_clip_aft.interpret.monitor), at eval_steps or monitor_steps."""
 
     monitor_maps: bool = field(
         default=False,
-        metadata={"help": "Measure map metrics, zero-shot accuracy and collapse signs at step 0 and every evaluation."},
+        metadata={
+            "help": "Measure map metrics, zero-shot accuracy and collapse signs at step 0 and every evaluation; the "
+            "base is a candidate for metric_for_best_model, and the run ends with a verdict."
+        },
+    )
+    monitor_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Also measure every this many optimiser steps (no eval_strategy needed); the held-out images "
+            "are never attacked."
+        },
     )
     monitor_dataset: str | None = field(
         default=None, metadata={"help": "Held-out dataset (Hub id or imagefolder); default: dataset_name."}
@@ -102,8 +112,12 @@ class MonitorArguments:
     monitor_collapse_ratio: float = field(
         default=0.25, metadata={"help": "Warn when the embedding spread falls below this share of the base's."}
     )
+    monitor_stop_after_collapses: int = field(
+        default=2,
+        metadata={"help": "Stop after this many collapsed measurements in a row (0: never stop for collapse)."},
+    )
     stop_if_maps_worse: bool = field(
-        default=False, metadata={"help": "Stop training when the guard or the collapse check fires."}
+        default=False, metadata={"help": "Stop training at the first warning (the guard or the collapse check)."}
     )
 
     def settings(self, batch_size: int):
@@ -118,43 +132,48 @@ class MonitorArguments:
             guard_tolerance=self.monitor_guard_tolerance,
             guard_patience=self.monitor_guard_patience,
             collapse_ratio=self.monitor_collapse_ratio,
+            stop_after_collapses=self.monitor_stop_after_collapses,
             stop_if_maps_worse=self.stop_if_maps_worse,
         )
 
 
-def attach_monitor(trainer: AFTTrainer, script_args: ScriptArguments, monitor_args: MonitorArguments, held_out) -> None:
-    """Add a map monitor on `held_out` to `trainer` (zero-shot accuracy too when it has class labels and the
-    checkpoint a text tower)."""
+def monitor_callback(script_args: ScriptArguments, monitor_args: MonitorArguments, training_args: AFTConfig, held_out):
+    """The map monitor on `held_out`, with the base checkpoint as f0, as a callback for the trainer (zero-shot
+    accuracy too when `held_out` has class labels and the checkpoint a text tower)."""
     from transformers import CLIPModel
 
-    from hf_clip_aft.data import class_names, load_processor
+    from hf_clip_aft.data import class_names, clip_image_processor, load_processor
     from hf_clip_aft.interpret.batches import find_mask_column
     from hf_clip_aft.interpret.monitor import MapMonitor, MapMonitorCallback
-    from hf_clip_aft.modeling import class_text_embeddings
+    from hf_clip_aft.modeling import class_text_embeddings, load_vision_tower
 
+    device = training_args.device
     image_column = find_image_column(held_out.features, script_args.image_column)
     mask_column = find_mask_column(held_out.features, image_column, monitor_args.monitor_mask_column)
-    label_column, class_embeds = None, None
-    if isinstance(held_out.features.get(script_args.label_column), datasets.ClassLabel):
+    base = load_vision_tower(script_args.model_name_or_path).to(device).eval()
+    try:
         processor = load_processor(script_args.model_name_or_path)
-        if getattr(processor, "tokenizer", None) is not None:
-            clip = CLIPModel.from_pretrained(script_args.model_name_or_path).to(trainer.args.device).eval()
-            names = class_names(held_out.features, script_args.label_column)
-            class_embeds = class_text_embeddings(clip, processor.tokenizer, names).cpu()
-            label_column = script_args.label_column
-            del clip
-    settings = monitor_args.settings(trainer.args.per_device_eval_batch_size)
+    except (OSError, ValueError):  # as the trainer does: CLIP's default processor at the model's size
+        processor = clip_image_processor(base.config.image_size)
+    label_column, class_embeds = None, None
+    labelled = isinstance(held_out.features.get(script_args.label_column), datasets.ClassLabel)
+    if labelled and getattr(processor, "tokenizer", None) is not None:
+        clip = CLIPModel.from_pretrained(script_args.model_name_or_path).to(device).eval()
+        names = class_names(held_out.features, script_args.label_column)
+        class_embeds = class_text_embeddings(clip, processor.tokenizer, names).cpu()
+        label_column = script_args.label_column
+        del clip
     monitor = MapMonitor.from_dataset(
-        trainer.model,
+        base,
         held_out,
-        trainer.image_processor,
+        getattr(processor, "image_processor", processor),
         image_column=image_column,
         mask_column=mask_column,
         label_column=label_column,
         class_embeds=class_embeds,
-        settings=settings,
+        settings=monitor_args.settings(training_args.per_device_eval_batch_size),
     )
-    trainer.add_callback(MapMonitorCallback(trainer, monitor))
+    return MapMonitorCallback(monitor, monitor_steps=monitor_args.monitor_steps)
 
 
 ARGUMENTS = (ScriptArguments, ModelArguments, AFTConfig, MonitorArguments)
@@ -168,12 +187,12 @@ def main(
 ) -> None:
     """Fine-tune, save the drop-in `CLIPModel` to ``training_args.output_dir`` and say how to load it."""
     monitor_args = monitor_args or MonitorArguments()
-    held_out = None
+    callbacks = []
     if monitor_args.monitor_maps:
-        if training_args.eval_strategy == "no":
+        if training_args.eval_strategy == "no" and monitor_args.monitor_steps is None:
             raise ValueError(
-                "monitor_maps=True measures the maps at every evaluation, but eval_strategy='no'; "
-                "set eval_strategy: steps and eval_steps: N (e.g. 500)."
+                "monitor_maps=True measures the maps at every evaluation, but eval_strategy='no' and no "
+                "monitor_steps: set monitor_steps: N, or eval_strategy: steps and eval_steps: N (e.g. 500)."
             )
         held_out = load_image_dataset(
             monitor_args.monitor_dataset or script_args.dataset_name,
@@ -181,6 +200,7 @@ def main(
             monitor_args.monitor_split,
         )
         held_out = held_out.select(range(min(len(held_out), monitor_args.monitor_max_images)))
+        callbacks.append(monitor_callback(script_args, monitor_args, training_args, held_out))
     dataset = load_image_dataset(
         script_args.dataset_name, script_args.dataset_config, script_args.dataset_split, script_args.streaming
     )
@@ -192,14 +212,14 @@ def main(
         image_column=script_args.image_column,
         label_column=script_args.label_column,
         dataset_name=script_args.dataset_name,
-        eval_dataset=held_out,
+        callbacks=callbacks,  # the monitor's images are never an eval_dataset: no attack runs on them
     )
-    if held_out is not None:
-        attach_monitor(trainer, script_args, monitor_args, held_out)
     trainer.train(resume_from_checkpoint=training_args.resume_target())
     trainer.save_model()
     if trainer.is_world_process_zero():
         out = training_args.output_dir
+        if trainer.training_evaluation and trainer.training_evaluation.get("verdict"):
+            print(f"\n{trainer.training_evaluation['verdict']}")
         print(f"\nSaved the fine-tuned CLIP to {out}. Load it with plain transformers:")
         print(f'    from transformers import CLIPModel\n    model = CLIPModel.from_pretrained("{out}")')
     # Every rank waits for the others, then leaves the process group: a rank that exits while another still talks

@@ -4,10 +4,11 @@ AFT can make maps worse: on a base whose embeddings are already bunched together
 encoder that outputs one constant direction, and a run can collapse to it while its loss looks fine. A
 :class:`MapMonitor` measures, on a few hundred held-out images, what the evaluation suite would report (map metrics,
 zero-shot accuracy) plus two cheap signs of collapse (the spread of the clean embeddings and the share of the
-most-predicted class); :class:`MapMonitorCallback` runs it at step 0 (the baseline) and at every evaluation, logs
-the numbers as ``eval_<metric>`` through the Trainer's ``report_to``, adds them to the metrics that
-``metric_for_best_model`` reads, warns when the maps fall below the base's or the encoder heads towards a constant,
-and can stop the run.
+most-predicted class); :class:`MapMonitorCallback` runs it at step 0 (the baseline) and at every evaluation (or
+every ``monitor_steps``, without an eval dataset), logs the numbers as ``eval_<metric>`` through the Trainer's
+``report_to``, adds them to the metrics that ``metric_for_best_model`` reads (the base being a candidate), warns when
+the maps fall below the base's or the encoder heads towards a constant, can stop the run, and ends it with a verdict
+(:func:`verdict_text`) in the log, the training record and the card.
 
 Metric names are those of the metric registry (:mod:`hf_clip_aft.interpret.registry`), so
 ``metric_for_best_model: energy_pointing_game`` works and its direction comes from the registry; two monitor-only
@@ -18,14 +19,17 @@ numbers are added: ``embedding_drift`` (mean ‖f(x) − f0(x)‖² on clean ima
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import datasets
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 from ..data import find_image_column, images_to_pixels, open_image
 from ..modeling import embed_fn
@@ -102,7 +106,11 @@ class MonitorSettings:
             masks, else ``deletion_auc``).
         guard_tolerance, guard_patience: see :class:`MapGuard`.
         collapse_ratio: warn when the embedding spread falls below this share of the base's.
-        stop_if_maps_worse: stop training when the guard fires or collapse is detected.
+        stop_after_collapses: stop training after this many measurements in a row show collapse (the spread below
+            `collapse_ratio` × the base's, or one class taking over the predictions); 0 = never stop for it. A
+            collapsed encoder has not been seen to recover, and with the base as a candidate nothing is lost by
+            stopping; two in a row keeps one noisy measurement from ending a run.
+        stop_if_maps_worse: stop training at the first warning (the guard firing, or collapse).
     """
 
     method: str = "simple_gradient"
@@ -114,6 +122,7 @@ class MonitorSettings:
     guard_tolerance: float = 0.02
     guard_patience: int = 2
     collapse_ratio: float = 0.25
+    stop_after_collapses: int = 2
     stop_if_maps_worse: bool = False
 
     def __post_init__(self) -> None:
@@ -126,6 +135,8 @@ class MonitorSettings:
             raise ValueError(f"iou_fraction={self.iou_fraction} must lie in (0, 1).")
         if not 0 <= self.collapse_ratio < 1:
             raise ValueError(f"collapse_ratio={self.collapse_ratio} must lie in [0, 1).")
+        if self.stop_after_collapses < 0:
+            raise ValueError(f"stop_after_collapses={self.stop_after_collapses} must be >= 0 (0: never stop).")
         if self.guard_tolerance < 0:
             raise ValueError(f"guard_tolerance={self.guard_tolerance} must be >= 0 (metric units).")
 
@@ -172,6 +183,12 @@ class MapMonitor:
             raise ValueError("Some held-out masks are empty after the centre crop; drop those images.")
         self.metric_names = MASK_METRICS if self.masks is not None else MASK_FREE_METRICS
         self.primary_metric = "energy_pointing_game" if self.masks is not None else "deletion_auc"
+
+    @property
+    def available_metrics(self) -> tuple[str, ...]:
+        """The names :meth:`measure` returns, in its order."""
+        labelled = () if self.class_embeds is None else ("accuracy", "majority_share")
+        return ("embedding_drift", "embedding_spread", *labelled, *self.metric_names)
 
     @classmethod
     def from_dataset(
@@ -290,72 +307,246 @@ def _embed_batched(embed, pixels: torch.Tensor, batch_size: int, device: torch.d
     return torch.cat([embed(pixels[i : i + batch_size].to(device)).cpu() for i in range(0, len(pixels), batch_size)])
 
 
-class MapMonitorCallback(TrainerCallback):
-    """Runs a :class:`MapMonitor` at step 0 and at every evaluation of a Trainer (as TRL's callbacks do, it holds
-    the trainer to log through it).
+# Numbers of the trainer's own evaluation on an eval_dataset (the AFT loss with its attack), which
+# metric_for_best_model may also name; the monitor does not measure them.
+TRAINER_EVAL_METRICS = ("loss", "attack_loss", "cos_sim_adv", "cos_sim_clean")
 
-    It measures the base when it is created (before training and before any checkpoint is loaded, so a resumed run
-    keeps the true base) and logs it at step 0 (``eval_<metric>`` at step 0: every curve starts from its
-    baseline). At each evaluation it measures again, logs, adds the numbers to the evaluation's metrics (so
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def verdict_text(summary: dict[str, Any]) -> str:
+    """The one-paragraph verdict of a monitored run, from :meth:`MapMonitorCallback.summary`'s fields.
+
+    Base vs best vs final on every monitored number, the warnings raised, and whether the exported model is better
+    than the base on the selection metric (``summary["metric"]``).
+    """
+    metric, base, best, final = summary["metric"], summary["base"], summary["best"], summary["final"]
+    arrow = "↑" if higher_is_better(metric) else "↓"
+    lines = [
+        f"Map monitor verdict ({summary['num_images']} held-out images, {summary['method']} maps; selection metric "
+        f"{metric} {arrow}): base {_fmt(base[metric])}, best {_fmt(best[metric])} (step {summary['best_step']}), "
+        f"final {_fmt(final[metric])} (step {summary['final_step']})."
+    ]
+    exported, step = summary["exported"], summary["exported_step"]
+    if summary["exported_is_base"]:
+        lines.append(f"AFT did not improve {metric} over the base; the exported weights are the base's.")
+    elif exported is None:
+        lines.append(f"The exported weights (step {step}) were not measured.")
+    elif summary["improved"]:
+        lines.append(
+            f"The exported weights (step {step}) improve {metric} over the base: {_fmt(base[metric])} → "
+            f"{_fmt(exported[metric])}."
+        )
+    else:
+        reason = summary.get("base_not_candidate") or "the base was not a candidate"
+        lines.append(
+            f"The exported weights (step {step}) do NOT improve {metric} over the base ({_fmt(base[metric])} → "
+            f"{_fmt(exported[metric])}): {reason}."
+        )
+    others = [name for name in base if name != metric and name in final and name in best]
+    if others:
+        changes = "; ".join(f"{n} {_fmt(base[n])} → {_fmt(best[n])} → {_fmt(final[n])}" for n in others)
+        lines.append(f"Base → best → final: {changes}.")
+    warnings = summary["warnings"]
+    if warnings:
+        lines.append(f"{len(warnings)} warning(s) raised, the first: {warnings[0]}")
+    else:
+        lines.append("No warning raised.")
+    return " ".join(lines)
+
+
+class MapMonitorCallback(TrainerCallback, ExportableState):
+    """Runs a :class:`MapMonitor` during an :class:`~hf_clip_aft.AFTTrainer` run: ``AFTTrainer(...,
+    callbacks=[MapMonitorCallback(monitor)])`` (or ``trainer.add_callback`` before ``train``).
+
+    It binds to its trainer when training begins (``AFTTrainer.train`` calls :meth:`bind_trainer`; under any other
+    Trainer ``on_train_begin`` raises), checks there that it can run (it has a schedule; ``metric_for_best_model``
+    is a number it measures), measures the base at step 0 and logs it (``eval_<metric>`` at step 0: every curve
+    starts from its baseline). It measures again at every evaluation of the Trainer (``eval_steps``) and, with
+    `monitor_steps`, every `monitor_steps` optimiser steps (it asks the Trainer for an evaluation there). Without an
+    ``eval_dataset`` an evaluation is the monitor alone: no attack runs on the monitor's images.
+
+    At each measurement it logs the numbers and the cost, adds them to the evaluation's metrics (so
     ``metric_for_best_model`` may name any of them; ``greater_is_better`` is then set from the metric's direction),
     and checks two things against the base: the guard metric (:class:`MapGuard`) and collapse (the embedding spread
-    below ``collapse_ratio`` × the base's, or one class taking over the predictions). Either logs a warning naming
-    the numbers; with ``stop_if_maps_worse`` the run stops.
+    below ``collapse_ratio`` × the base's, or one class taking over the predictions). Either logs a warning; the run
+    stops after ``stop_after_collapses`` collapsed measurements in a row, and at the first warning with
+    ``stop_if_maps_worse``.
 
+    The base is a candidate for the best model: when ``metric_for_best_model`` is a monitored number, the best
+    metric starts at the base's value, so a checkpoint becomes the best only by beating the base; with
+    ``load_best_model_at_end`` and no checkpoint better than the base, the run ends with the base's weights
+    restored (and exported). At the end the verdict (:func:`verdict_text`) is logged and goes into the training
+    record and the model card (:meth:`summary`).
+
+    The history (base, measurements, warnings, guard counters) is saved in every checkpoint's
+    ``trainer_state.json`` and restored on resume, so that a resumed run's record equals an uninterrupted run's.
     Every rank measures the same held-out images with the same weights, so every rank gets the same numbers (the
     best-model choice needs them everywhere); only the main process warns.
     """
 
-    def __init__(self, trainer, monitor: MapMonitor) -> None:
-        self.trainer = trainer
+    def __init__(self, monitor: MapMonitor, monitor_steps: int | None = None) -> None:
+        if monitor_steps is not None and monitor_steps < 1:
+            raise ValueError(f"monitor_steps={monitor_steps} must be at least 1 (optimiser steps), or None.")
         self.monitor = monitor
-        self.base = monitor.measure(trainer.model)
-        self.history: list[tuple[int, dict[str, float]]] = [(0, self.base)]
+        self.monitor_steps = monitor_steps
+        self.trainer = None
+        self.history: list[tuple[int, dict[str, float]]] = []
         self.warnings: list[str] = []
+        self.collapsed_in_a_row = 0
         self.exported_step: int | None = None
+        self.selection_metric: str | None = None
+        self.base_not_candidate: str | None = None
+        self._restored = False
+        self._last_measured = time.perf_counter()
         guard_metric = monitor.settings.guard_metric or monitor.primary_metric
-        available = (*monitor.metric_names, *MONITOR_ONLY, *(() if monitor.class_embeds is None else ("accuracy",)))
-        if guard_metric not in available:
-            raise ValueError(f"guard_metric={guard_metric!r} is not measured here; choose one of {available}.")
+        self._check_measured(guard_metric, "guard_metric")
         s = monitor.settings
         self.guard = MapGuard(guard_metric, higher_is_better(guard_metric), s.guard_tolerance, s.guard_patience)
+
+    # A trainer may run its evaluations on this callback alone, without an eval_dataset (see AFTTrainer.evaluate).
+    measures_without_eval_dataset = True
+
+    @property
+    def base(self) -> dict[str, float]:
+        return self.history[0][1]
+
+    def _check_measured(self, metric: str, setting: str, trainer_metrics: tuple[str, ...] = ()) -> None:
+        """Refuse, before training, a metric that this monitor does not measure, naming what it lacks."""
+        available = self.monitor.available_metrics
+        if metric in available or metric in trainer_metrics:
+            return
+        if metric in MASK_METRICS:
+            lacks = "object masks, but the held-out set has no mask column (pass monitor_mask_column, or a dataset "
+            lacks += "with an Image column named mask/segmentation)"
+        elif metric in ("accuracy", "majority_share"):
+            lacks = "class labels, but the held-out set has no ClassLabel label column (or the model no text tower)"
+        elif metric in MASK_FREE_METRICS:
+            lacks = "the mask-free metrics, which are replaced by the localisation metrics when masks are given"
+        else:
+            lacks = "a number the monitor or the trainer measures"
+        raise ValueError(
+            f"{setting}={metric!r} needs {lacks}. Measured here: {', '.join((*available, *trainer_metrics))}."
+        )
+
+    def bind_trainer(self, trainer) -> None:
+        """Attach to `trainer` (an `AFTTrainer`, at the start of ``train``) and check that the monitor can run."""
+        self.trainer = trainer
         args = trainer.args
+        if args.eval_strategy == "no" and self.monitor_steps is None:
+            raise ValueError(
+                "The map monitor would never measure: eval_strategy='no' and no monitor_steps. Set monitor_steps "
+                "(e.g. 500), or eval_strategy='steps' with eval_steps."
+            )
+        self.selection_metric, self.base_not_candidate = None, None
         if args.metric_for_best_model:
             name = args.metric_for_best_model.removeprefix("eval_")
-            if name in available and args.greater_is_better != higher_is_better(name):
-                logger.info(
-                    "metric_for_best_model=%s: greater_is_better set to %s (the metric's direction).",
-                    name,
-                    higher_is_better(name),
-                )
-                args.greater_is_better = higher_is_better(name)
+            trainer_metrics = TRAINER_EVAL_METRICS if trainer.eval_dataset is not None else ()
+            self._check_measured(name, "metric_for_best_model", trainer_metrics)
+            if name in self.monitor.available_metrics:
+                self.selection_metric = name
+                if args.greater_is_better != higher_is_better(name):
+                    logger.info("metric_for_best_model=%s: greater_is_better set to %s.", name, higher_is_better(name))
+                    args.greater_is_better = higher_is_better(name)
+                if not args.load_best_model_at_end:
+                    self.base_not_candidate = "load_best_model_at_end is off, so the final weights are exported"
+                else:
+                    trainer.check_base_restorable()
+            else:
+                self.base_not_candidate = f"metric_for_best_model={name!r} is not a monitored number"
+        else:
+            self.base_not_candidate = "no metric_for_best_model selects among the checkpoints"
 
-    def _log(self, values: dict[str, float]) -> dict[str, float]:
-        logs = {f"eval_{name}": value for name, value in values.items()}
-        self.trainer.log(dict(logs))
-        return logs
+    def state(self) -> dict[str, Any]:
+        """The history, saved in every checkpoint (``trainer_state.json``); restored by :meth:`load_checkpoint_state`."""
+        return {
+            "args": {},
+            "attributes": {
+                "history": [[step, values] for step, values in self.history],
+                "warnings": list(self.warnings),
+                "guard_bad_in_a_row": self.guard.bad_in_a_row,
+                "collapsed_in_a_row": self.collapsed_in_a_row,
+            },
+        }
+
+    def load_checkpoint_state(self, saved: dict[str, Any]) -> None:
+        """Continue from a checkpoint's :meth:`state` (called by `AFTTrainer` on resume)."""
+        attributes = saved["attributes"]
+        order = self.monitor.available_metrics  # trainer_state.json sorts the keys; the record keeps this order
+        self.history = [(int(step), {k: values[k] for k in order}) for step, values in attributes["history"]]
+        self.warnings = list(attributes["warnings"])
+        self.guard.bad_in_a_row = int(attributes["guard_bad_in_a_row"])
+        self.collapsed_in_a_row = int(attributes["collapsed_in_a_row"])
+        self._restored = True
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if self.trainer is None:
+            raise RuntimeError(
+                "MapMonitorCallback is not bound to a trainer, so it cannot run: pass it to an AFTTrainer "
+                "(AFTTrainer(..., callbacks=[MapMonitorCallback(monitor)]) or trainer.add_callback), whose train() "
+                "binds it."
+            )
+        if state.global_step > 0 and not self._restored:
+            raise ValueError(
+                f"Resuming at step {state.global_step} from a checkpoint without map-monitor state (the run was not "
+                "monitored, or was saved by an older version): the base cannot be measured from resumed weights. "
+                "Resume without the monitor, or start a new run with it."
+            )
+        self._last_measured = time.perf_counter()
         if state.global_step == 0:
-            self._log(self.base)
+            self.history, self.warnings = [(0, self.monitor.measure(kwargs["model"]))], []
+            self.trainer.log({f"eval_{name}": value for name, value in self.base.items()})
+            if self.selection_metric:
+                state.best_metric = self.base[self.selection_metric]  # a checkpoint must beat the base
+                state.best_global_step = 0
+        self.trainer.training_evaluation = self.summary()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.monitor_steps and state.global_step % self.monitor_steps == 0:
+            control.should_evaluate = True
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.trainer is None:
+            raise RuntimeError("MapMonitorCallback.on_evaluate before train(): the callback is not bound.")
+        since = time.perf_counter() - self._last_measured
+        clock = time.perf_counter()
         values = self.monitor.measure(kwargs["model"])
+        seconds = time.perf_counter() - clock
+        self._last_measured = time.perf_counter()
+        if state.is_world_process_zero:
+            logger.info(
+                "Map monitor, step %d: %d images in %.1f s (%.0f%% of the %.1f s since the last measurement).",
+                state.global_step,
+                len(self.monitor.pixels),
+                seconds,
+                100 * seconds / max(since, 1e-9),
+                since,
+            )
         self.history.append((state.global_step, values))
-        logs = self._log(values)
+        logs = {f"eval_{name}": value for name, value in values.items()}
+        self.trainer.log({**logs, "eval_monitor_seconds": seconds})
         if metrics is not None:
             metrics.update(logs)
-        self.trainer.training_evaluation = self.summary()
-        problems = self._problems(values)
-        if problems and state.is_world_process_zero:
-            for problem in problems:
-                message = f"Step {state.global_step}: {problem}"
-                self.warnings.append(message)
+        problems, collapsed = self._problems(values)
+        self.collapsed_in_a_row = self.collapsed_in_a_row + 1 if collapsed else 0
+        for problem in problems:
+            message = f"Step {state.global_step}: {problem}"
+            self.warnings.append(message)
+            if state.is_world_process_zero:
                 logger.warning(message)
-        if problems and self.monitor.settings.stop_if_maps_worse:
+        s = self.monitor.settings
+        if (problems and s.stop_if_maps_worse) or (
+            s.stop_after_collapses and self.collapsed_in_a_row >= s.stop_after_collapses
+        ):
+            if state.is_world_process_zero:
+                logger.warning("Step %d: the map monitor stops the run.", state.global_step)
             control.should_training_stop = True
+        self.trainer.training_evaluation = self.summary()
 
-    def _problems(self, values: dict[str, float]) -> list[str]:
+    def _problems(self, values: dict[str, float]) -> tuple[list[str], bool]:
+        """The warnings of one measurement, and whether it shows collapse."""
         base, problems = self.base, []
         name = self.guard.metric
         if self.guard.update(base[name], values[name]):
@@ -363,45 +554,74 @@ class MapMonitorCallback(TrainerCallback):
                 f"the maps are worse than the base's: {name} {values[name]:.4f} vs base {base[name]:.4f} for "
                 f"{self.guard.bad_in_a_row} evaluations in a row (tolerance {self.guard.tolerance})."
             )
+        collapsed = False
         ratio = self.monitor.settings.collapse_ratio
         if values["embedding_spread"] < ratio * base["embedding_spread"]:
+            collapsed = True
             problems.append(
                 f"the encoder is heading towards a constant output: embedding spread {values['embedding_spread']:.4f}"
                 f" vs base {base['embedding_spread']:.4f} (warning below {ratio} × the base's)."
             )
         if "majority_share" in values and values["majority_share"] > max(0.5, 2 * base["majority_share"]):
+            collapsed = True
             problems.append(
                 f"one class takes over the predictions: {values['majority_share']:.1%} of the held-out images "
                 f"(base {base['majority_share']:.1%})."
             )
-        return problems
+        return problems, collapsed
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
         if args.load_best_model_at_end and state.best_model_checkpoint:
             self.exported_step = int(state.best_model_checkpoint.rstrip("/").rsplit("-", 1)[-1])
+        elif args.load_best_model_at_end and self.selection_metric:  # no checkpoint beat the base
+            self.trainer.restore_base_weights()
+            self.exported_step = 0
         else:
             self.exported_step = state.global_step
-        self.trainer.training_evaluation = self.summary()
+        if self.exported_step and all(step != self.exported_step for step, _ in self.history):
+            self.history.append((self.exported_step, self.monitor.measure(model)))  # the final weights, unmeasured
+        summary = self.summary()
+        self.trainer.training_evaluation = summary
+        if state.is_world_process_zero:
+            log = logger.info if summary["improved"] else logger.warning
+            log("%s", summary["verdict"])
 
     def best(self, metric: str) -> tuple[int, dict[str, float]]:
-        """The (step, values) of the evaluation with the best `metric` after step 0 (the base excluded)."""
-        evaluated = self.history[1:] if len(self.history) > 1 else self.history
+        """The (step, values) of the measurement with the best `metric` after step 0 (the base excluded; the earliest
+        of equal values)."""
+        measured = self.history[1:] if len(self.history) > 1 else self.history
         sign = 1 if higher_is_better(metric) else -1
-        return max(evaluated, key=lambda item: sign * item[1][metric])
+        return max(measured, key=lambda item: sign * item[1][metric])
 
-    def summary(self) -> dict[str, object]:
-        """Base, final and best values for the training record and the model card (JSON-able)."""
-        metric = self.guard.metric
+    def summary(self) -> dict[str, Any]:
+        """Base, best, final and exported values with the verdict, for the training record and the card (JSON)."""
+        metric = self.selection_metric or self.guard.metric
         step, best = self.best(metric)
-        return {
+        exported = next((values for s, values in self.history if s == self.exported_step), None)
+        exported_is_base = self.exported_step == 0
+        improved = (
+            None if exported is None else not exported_is_base and _better(metric, exported[metric], self.base[metric])
+        )
+        summary = {
             "metric": metric,
+            "guard_metric": self.guard.metric,
             "method": self.monitor.settings.method,
             "num_images": len(self.monitor.pixels),
-            "exported_step": self.exported_step,
-            "base": self.history[0][1],
-            "final_step": self.history[-1][0],
-            "final": self.history[-1][1],
+            "base": self.base,
             "best_step": step,
             "best": best,
+            "final_step": self.history[-1][0],
+            "final": self.history[-1][1],
+            "exported_step": self.exported_step,
+            "exported": exported,
+            "exported_is_base": exported_is_base,
+            "improved": improved,
+            "base_not_candidate": self.base_not_candidate,
             "warnings": list(self.warnings),
         }
+        summary["verdict"] = verdict_text(summary) if self.exported_step is not None else None
+        return summary
+
+
+def _better(metric: str, value: float, than: float) -> bool:
+    return value > than if higher_is_better(metric) else value < than
