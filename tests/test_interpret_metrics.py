@@ -63,6 +63,28 @@ def test_localisation_penalises_mass_outside_the_mask():
     assert top_fraction_iou(saliency_map, mask, fraction=2 / 64).item() == pytest.approx(1 / 17)
 
 
+def test_unannotated_pixels_are_left_out_of_every_localisation_metric():
+    """The same map and mask as above, with the outside peak's column unannotated: the map is scored as if the image
+    were its 56 annotated pixels."""
+    mask = _square_mask()
+    saliency_map = torch.zeros(1, 8, 8)
+    saliency_map[0, 3, 3] = 1.0  # inside
+    saliency_map[0, 0, 7] = 3.0  # outside, the peak, on an unannotated pixel
+    annotated = torch.ones(1, 8, 8, dtype=torch.bool)
+    annotated[0, :, 7] = False
+    assert pointing_game(saliency_map, mask, annotated).item() == 1.0
+    assert energy_pointing_game(saliency_map, mask, annotated).item() == pytest.approx(1.0)
+    # Top 2 of 56 annotated pixels: the inside pixel and the first zero in row-major order; IoU = 1 / (16 + 1).
+    assert top_fraction_mask(saliency_map, 2 / 56, annotated).sum().item() == 2
+    assert not top_fraction_mask(saliency_map, 1.0, annotated)[annotated.logical_not()].any()
+    assert top_fraction_iou(saliency_map, mask, 2 / 56, annotated).item() == pytest.approx(1 / 17)
+    nothing = torch.zeros(1, 8, 8, dtype=torch.bool)  # no annotated pixel: no score
+    for metric in (pointing_game, energy_pointing_game, top_fraction_iou):
+        assert math.isnan(metric(saliency_map, mask, annotated=nothing).item())
+    with pytest.raises(ValueError, match="Annotated-pixel masks"):
+        pointing_game(saliency_map, mask, torch.ones(1, 4, 4, dtype=torch.bool))
+
+
 def test_top_fraction_mask_keeps_the_highest_pixels_and_breaks_ties_in_order():
     maps = torch.tensor([[[0.1, 0.9], [0.5, 0.3]]])
     assert top_fraction_mask(maps, 0.5).tolist() == [[[False, True], [True, False]]]

@@ -246,6 +246,14 @@ def test_evaluate_modules_load_offline_and_match_the_functions():
     assert scores["pointing_game"] == pytest.approx(pointing_game(maps, masks).mean().item())
     assert scores["energy_pointing_game"] == pytest.approx(energy_pointing_game(maps, masks).mean().item())
     assert scores["top_k_iou"] == pytest.approx(top_fraction_iou(maps, masks, 0.3).mean().item())
+    # 255 = unannotated: an all-255 mask is skipped, not scored as an object everywhere.
+    references = masks.int() * 255
+    references[0] = 255
+    references[1, 0] = 1
+    scores = localisation.compute(predictions=maps.tolist(), references=references.tolist(), ignore_index=255)
+    assert scores["num_images"] == 1  # image 0 has no annotated pixel, image 2 no object pixel
+    expected = pointing_game(maps[1:2], references[1:2] == 1, references[1:2] != 255).item()
+    assert scores["pointing_game"] == pytest.approx(expected)
     auc = evaluate.load(evaluate_module_path("faithfulness_auc"))
     assert auc.compute(predictions=[[1.0, 0.0], [1.0, 1.0]])["auc"] == pytest.approx(0.75)
     accuracy = evaluate.load(os.path.join(evaluate_module_path("top1_accuracy"), "top1_accuracy.py"))
