@@ -236,6 +236,20 @@ def _project(delta: torch.Tensor, pixels: torch.Tensor, norm: str, eps: float, g
     return (pixels + delta).clamp(0, 1) - pixels
 
 
+@dataclass(frozen=True)
+class AttackOutcome:
+    """What one attack returned: the adversarial pixels and the work each row cost.
+
+    Attributes:
+        pixels: ``x + δ*``, detached, in [0, 1], ``(B, 3, H, W)``.
+        steps: ``(B,)`` ascent steps each row took; each is one forward and one backward to the input (two
+            forward-equivalents). Fewer than K where early stopping ended a row's ascent.
+    """
+
+    pixels: torch.Tensor
+    steps: torch.Tensor
+
+
 def adversarial_perturbation(
     embed_fn: EmbedFn,
     pixels: torch.Tensor,
@@ -267,6 +281,30 @@ def adversarial_perturbation(
             None draws from torch's global generator, for callers without example indices (``torch.manual_seed``
             then fixes the draws of a whole batch).
     """
+    return projected_gradient_ascent(embed_fn, pixels, target_embeds, config, randomness).pixels
+
+
+def projected_gradient_ascent(
+    embed_fn: EmbedFn,
+    pixels: torch.Tensor,
+    target_embeds: torch.Tensor,
+    config: AttackSettings,
+    randomness: ExampleRandomness | None = None,
+    *,
+    start: torch.Tensor | None = None,
+    carried: torch.Tensor | None = None,
+    early_stop: bool = False,
+) -> AttackOutcome:
+    """:func:`adversarial_perturbation` with the options of the attack schedules (:mod:`hf_clip_aft.schedules`).
+
+    Args:
+        start: ``(B, 3, H, W)`` perturbations to start from instead of the random start, on the rows where
+            `carried` ``(B,)`` is True (projected into the budget first); the other rows start at random as usual.
+        early_stop: stop a row's ascent at the first step where its objective (at that step's noise) is not above
+            the previous step's; the row then keeps the previous δ, and later steps skip it (no forward, no
+            backward). Without it every row takes K steps, through exactly :func:`adversarial_perturbation`'s
+            arithmetic.
+    """
     norm = config.attack_norm
     if norm not in ATTACK_NORMS:
         raise ValueError(f"attack_norm={norm!r} is not one of {ATTACK_NORMS}.")
@@ -282,14 +320,22 @@ def adversarial_perturbation(
     eta, sigma = config.attack_eta / 255, config.noise_sigma
     pixels = pixels.detach()
     target_embeds = target_embeds.detach()
+    steps_taken = torch.zeros(len(pixels), dtype=torch.int64)
     if config.attack_steps == 0 or eps == 0:
-        return pixels.clone()
+        return AttackOutcome(pixels.clone(), steps_taken)
 
     delta = _draw(pixels, randomness, 0, lambda t, g: t.uniform_(-eps, eps, generator=g))
     if getattr(config, "clamp_random_start", True):
         delta = _project(delta, pixels, norm, eps, group_size)
+    if start is not None and carried is not None and bool(carried.any()):
+        resumed = _project(start.detach().to(delta), pixels, norm, eps, group_size)
+        delta = torch.where(carried.to(delta.device).view(-1, 1, 1, 1), resumed, delta)
 
     velocity = torch.zeros_like(pixels)
+    if early_stop:
+        return _early_stopped_ascent(
+            embed_fn, pixels, target_embeds, delta, velocity, randomness, config, kind, momentum, group_size
+        )
     for step in range(1, config.attack_steps + 1):
         # randn · σ / 255 in this order: at σ = 1 the very noise of the official code (randn / 255)
         if sigma > 0:
@@ -307,4 +353,80 @@ def adversarial_perturbation(
                 velocity = _direction(momentum * velocity + step, kind, group_size)
                 step = velocity
             delta = _project(delta + alpha * step, pixels, norm, eps, group_size)
-    return (pixels + delta).detach()
+    return AttackOutcome((pixels + delta).detach(), steps_taken + config.attack_steps)
+
+
+def row_objectives(
+    embed_fn: EmbedFn,
+    pixels: torch.Tensor,
+    delta: torch.Tensor,
+    target_embeds: torch.Tensor,
+    norm: str,
+    eps: float,
+    eta: float,
+    elastic_rule: str = "library",
+) -> torch.Tensor:
+    """The inner objective of each row alone, ``||f(x_b + δ_b) − e0_b||² − P(δ_b)``: shape ``(B,)``.
+
+    Their mean is :func:`inner_objective` (up to float rounding): every penalty is a mean over the batch of
+    per-image terms.
+    """
+    penalties = torch.stack([norm_penalty(row[None], norm, eps, eta, elastic_rule) for row in delta])
+    return embedding_distance(embed_fn(pixels + delta), target_embeds) - penalties
+
+
+def _early_stopped_ascent(
+    embed_fn: EmbedFn,
+    pixels: torch.Tensor,
+    target_embeds: torch.Tensor,
+    delta: torch.Tensor,
+    velocity: torch.Tensor,
+    randomness: ExampleRandomness | None,
+    config: AttackSettings,
+    kind: str,
+    momentum: float,
+    group_size: int | None,
+) -> AttackOutcome:
+    """The ascent of :func:`projected_gradient_ascent` where each row stops once its objective stops rising.
+
+    Step k evaluates every active row at its current δ (with step k's noise). A row whose objective is not above
+    its value at step k − 1 goes back to its previous δ and stops; the others take their step. Only active rows
+    are forwarded, so a stopped row costs nothing more.
+    """
+    norm, elastic_rule = config.attack_norm, getattr(config, "elastic_rule", "library")
+    eps, alpha = config.attack_eps / 255, config.attack_step_size / 255
+    eta, sigma = config.attack_eta / 255, config.noise_sigma
+    active = torch.ones(len(pixels), dtype=torch.bool, device=pixels.device)
+    best = torch.full((len(pixels),), -torch.inf, device=pixels.device)
+    previous = delta.clone()
+    steps_taken = torch.zeros(len(pixels), dtype=torch.int64, device=pixels.device)
+    for step in range(1, config.attack_steps + 1):
+        rows = active.nonzero().flatten()
+        if not len(rows):
+            break
+        if sigma > 0:
+            # Drawn for every row, so that an example's noise stream does not depend on which rows stopped.
+            noise = _draw(pixels, randomness, step, lambda t, g: t.normal_(generator=g))
+            smoothed = (pixels + noise * sigma / 255).clamp(0, 1)
+        else:
+            smoothed = pixels
+        current = delta[rows].requires_grad_(True)
+        with torch.enable_grad():
+            values = row_objectives(
+                embed_fn, smoothed[rows], current, target_embeds[rows], norm, eps, eta, elastic_rule
+            )
+            (grad,) = torch.autograd.grad(values.sum() * OBJECTIVE_SCALE, current)
+        with torch.no_grad():
+            steps_taken[rows] += 1
+            rising = values > best[rows]
+            stopped, going = rows[~rising], rows[rising]
+            delta[stopped] = previous[stopped]
+            active[stopped] = False
+            best[going] = values[rising]
+            previous[going] = delta[going]
+            direction = _direction(grad[rising], kind, group_size)
+            if momentum:
+                velocity[going] = _direction(momentum * velocity[going] + direction, kind, group_size)
+                direction = velocity[going]
+            delta[going] = _project(delta[going] + alpha * direction, pixels[going], norm, eps, group_size)
+    return AttackOutcome((pixels + delta).detach(), steps_taken.cpu())

@@ -17,6 +17,7 @@ from transformers import TrainingArguments
 
 from .attack import ATTACK_NORMS, ELASTIC_RULES, check_group_size
 from .loss import LOSS_TYPES
+from .schedules import ATTACK_SCHEDULES
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,48 @@ class AFTConfig(TrainingArguments):
         metadata={
             "help": "Std σ of the Gaussian noise added to the clean image at every attack step (randomised smoothing), "
             "in units of 1/255 (paper: 1, i.e. 1/255). 0 turns smoothing off."
+        },
+    )
+    # --- attack schedule: how much attack work each image gets (hf_clip_aft/schedules.py) ---
+    attack_schedule: str = field(
+        default="pgd",
+        metadata={
+            "help": "'pgd' (paper): attack_steps PGD steps from a random start at every visit. 'fgsm_rs' (Wong et "
+            "al. 2020): one step of attack_fgsm_step·ε from a random start. 'free' (Shafahi et al. 2019): every "
+            "global batch replayed attack_replays times, one training backward giving the weight gradient and the "
+            "next δ (an epoch takes attack_replays× the optimiser steps). 'carry' (ATTA, Zheng et al. 2020): "
+            "attack_steps steps from the δ the example ended with at its previous visit. Evaluation always uses "
+            "'pgd'.",
+            "choices": list(ATTACK_SCHEDULES),
+        },
+    )
+    attack_early_stop: bool = field(
+        default=False,
+        metadata={
+            "help": "With 'pgd' or 'carry': stop an example's ascent at the first step where its objective does not "
+            "rise, keeping its best δ; the steps saved are not computed (logged as forward_equivalents)."
+        },
+    )
+    attack_fgsm_step: float | None = field(
+        default=None,
+        metadata={
+            "help": "Step of 'fgsm_rs' and 'free' as a multiple of ε. Default None: 1.25 for 'fgsm_rs' (Wong et al.), "
+            "1.0 for 'free' (Shafahi et al.)."
+        },
+    )
+    attack_replays: int = field(
+        default=4,
+        metadata={
+            "help": "'free' only: replays m of every global batch (Shafahi et al.: 4 on ImageNet). Every image is "
+            "then trained on m times per epoch: divide num_train_epochs by m to keep the optimiser steps of a "
+            "plain run (the paper's choice)."
+        },
+    )
+    attack_carry_reset_epochs: int | None = field(
+        default=10,
+        metadata={
+            "help": "'carry' only: drop the stored δ at the start of every epoch whose 1-based number is a multiple "
+            "of this (ATTA: 10); None never drops them."
         },
     )
     # --- outer minimisation (the loss) ---
@@ -268,6 +311,31 @@ class AFTConfig(TrainingArguments):
                 "in [0, 1) (official code: 0.9), or None for the rule's own default",
             ),
             ("preset", self.preset, self.preset in PRESETS, f"one of {PRESETS}"),
+            (
+                "attack_schedule",
+                self.attack_schedule,
+                self.attack_schedule in ATTACK_SCHEDULES,
+                f"one of {ATTACK_SCHEDULES}",
+            ),
+            (
+                "attack_fgsm_step",
+                self.attack_fgsm_step,
+                self.attack_fgsm_step is None or self.attack_fgsm_step > 0,
+                "> 0 (a multiple of ε; Wong et al.: 1.25), or None for the schedule's paper value",
+            ),
+            ("attack_replays", self.attack_replays, self.attack_replays >= 1, "≥ 1 (Shafahi et al.: 4)"),
+            (
+                "attack_carry_reset_epochs",
+                self.attack_carry_reset_epochs,
+                self.attack_carry_reset_epochs is None or self.attack_carry_reset_epochs >= 1,
+                "≥ 1 epochs (ATTA: 10), or None to keep the stored δ for the whole run",
+            ),
+            (
+                "attack_early_stop",
+                self.attack_early_stop,
+                not self.attack_early_stop or self.attack_schedule in ("pgd", "carry"),
+                "False with attack_schedule 'fgsm_rs' or 'free' (one step per visit: nothing to stop early)",
+            ),
             ("loss_type", self.loss_type, self.loss_type in LOSS_TYPES, f"one of {LOSS_TYPES}"),
             ("clean_weight", self.clean_weight, 0 <= self.clean_weight <= 1, "in [0, 1] (paper: 0)"),
             ("prompt_template", self.prompt_template, "{}" in self.prompt_template, "a string containing '{}'"),
@@ -283,7 +351,7 @@ class AFTConfig(TrainingArguments):
         for name, value, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"{name}={value!r} is invalid: it must be {allowed}.")
-        if self.attack_steps * self.attack_step_size < self.attack_eps:
+        if self.attack_schedule == "pgd" and self.attack_steps * self.attack_step_size < self.attack_eps:
             logger.warning(
                 "attack_steps × attack_step_size = %s/255 < attack_eps = %s/255: the attack cannot reach the edge "
                 "of its budget from the centre.",

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import datasets
 import torch
+from accelerate.utils import gather_object
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
@@ -29,7 +30,7 @@ from transformers import (
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
-from .attack import ExampleRandomness, adversarial_perturbation
+from .attack import ExampleRandomness
 from .config import AFTConfig
 from .data import (
     AFTDataCollator,
@@ -49,6 +50,7 @@ from .loss import fare_loss, mean_cosine_similarity, tecoa_loss
 from .modeling import (
     class_text_embeddings,
     encode_images,
+    eval_mode,
     frozen_parameters,
     load_vision_tower,
     vision_tower_of,
@@ -72,6 +74,7 @@ from .release.checkpoints import (
 from .release.hub import check_model_source
 from .release.names import hub_id
 from .release.record import hardware_description
+from .schedules import AttackSchedule, check_schedule_setup, step_cost, train_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +259,7 @@ class AFTTrainer(Trainer):
                 "deterministic (resize + centre crop); a custom data_collator may change them from epoch to epoch. "
                 "Drop data_collator, or set precompute_ref_embeddings=False."
             )
+        check_schedule_setup(args, train_dataset, custom_collator=data_collator is not None)
         if train_dataset is not None:
             image_column = find_image_column(train_dataset.features, image_column)
             train_dataset = with_example_index(prepare_dataset(train_dataset, image_column))
@@ -295,6 +299,10 @@ class AFTTrainer(Trainer):
             else None
         )
         self._skipped = next(cb for cb in self.callback_handler.callbacks if isinstance(cb, SkippedImages))
+        # The attack of args.attack_schedule, with its per-example perturbations (free, carry): merged over the
+        # processes at epoch ends and checkpoints, saved and restored with the optimiser state.
+        self.attack_schedule = AttackSchedule(args, gather_object if self.accelerator.num_processes > 1 else None)
+        self.add_callback(self.attack_schedule)
         self._checkpoint_staging: str | None = None  # the run folder stand-in while a checkpoint is written
         self._pending_checkpoint_push = False
         if self.args.should_save:
@@ -360,13 +368,19 @@ class AFTTrainer(Trainer):
         with self.accelerator.autocast():
             if self.ref_model is not None:
                 return self._embed(self.ref_model, pixels)
-            with self.accelerator.unwrap_model(model).disable_adapter():
+            with eval_mode(model), self.accelerator.unwrap_model(model).disable_adapter():
                 return self._embed(self._forward_model(model), pixels)
 
     def get_train_dataloader(self) -> DataLoader:
         if self.args.precompute_ref_embeddings and not isinstance(self.data_collator, ReferenceEmbedsCollator):
             self._precompute_reference_embeddings()
         return super().get_train_dataloader()
+
+    def _get_train_sampler(self, train_dataset=None):
+        # attack_schedule='free' replays every global batch; the other schedules keep the Trainer's sampler.
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        sampler = super()._get_train_sampler(train_dataset)
+        return train_sampler(self.args.attack_schedule, sampler, len(dataset) if sampler else 0, self.args)
 
     def _precompute_reference_embeddings(self) -> None:
         """Embed every train image once with the reference encoder, to carry e0 in the batches (``ref_embeds``).
@@ -441,10 +455,16 @@ class AFTTrainer(Trainer):
         target = inputs["ref_embeds"] if "ref_embeds" in inputs else self.reference_embeds(model, pixels)
 
         attack_model = self._forward_model(model)
-        with frozen_parameters(attack_model):
-            adv_pixels = adversarial_perturbation(
-                lambda x: self._embed(attack_model, x), pixels, target, self.args, self.attack_randomness(model, inputs)
+        training, randomness = model.training, self.attack_randomness(model, inputs)
+        # Eval mode as in the official code (train.py:265): dropout must not make δ random.
+        with frozen_parameters(attack_model), eval_mode(attack_model):
+            attack = self.attack_schedule.perturb(
+                lambda x: self._embed(attack_model, x), pixels, target, randomness, training=training
             )
+        adv_pixels = attack.pixels
+        if model.training:  # the work this step actually did, per image (early stopping shows its saving here)
+            cost = step_cost(attack.steps, "ref_embeds" not in inputs, self.args.clean_weight > 0)
+            metrics["forward_equivalents"].append(torch.tensor(cost, device=pixels.device))
 
         adv_embeds = self._embed(model, adv_pixels)
         attack_loss = fare_loss(adv_embeds, target)
@@ -512,6 +532,15 @@ class AFTTrainer(Trainer):
         count = torch.stack(pending).sum() if pending else torch.zeros(())
         self._skipped.total += int(self.accelerator.reduce(count.to(self.args.device), "sum").item())
         return self._skipped.total
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        self.attack_schedule.save(output_dir, write=self.args.should_save)  # free/carry: the per-example δ
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self.attack_schedule.load(checkpoint)
 
     def _load_callback_state(self) -> None:
         """On resume: the skipped-images total and every callback with a ``load_checkpoint_state`` method (the map

@@ -107,12 +107,14 @@ def finetune(
     spec: FinetuneSpec,
     seed: int,
     callbacks: list[TrainerCallback] | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> FinetuneResult:
     """Fine-tune a copy of `base` as `variant`; `base` itself is left untouched.
 
     `train_images` needs an ``image`` column. Paper optimiser (AdamW β = (0.9, 0.95), cosine schedule, 7% warm-up)
     at `spec`'s learning rate, weight decay, steps and batch size. `callbacks` are added to the trainer (e.g. to
-    measure the model during training).
+    measure the model during training). `overrides`: further `AFTConfig` fields, applied last (e.g. an
+    ``attack_schedule``, experiments/cheaper_aft).
     """
     with tempfile.TemporaryDirectory() as output_dir:
         args = AFTConfig(
@@ -129,7 +131,7 @@ def finetune(
             dataloader_num_workers=0,
             seed=seed,
             allow_no_op=variant == "clean",  # the clean control has no attack, on purpose
-            **attack_settings(variant, spec),
+            **{**attack_settings(variant, spec), **(overrides or {})},
         )
         collator = _RecordingCollator(image_processor)
         trainer = AFTTrainer(
