@@ -2,13 +2,18 @@
 state across epochs, processes and resumes, their counted cost, and their start-up checks."""
 
 import math
+import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
+from safetensors.torch import load_file
 from torch.utils.data import BatchSampler
 
 from hf_clip_aft import AFTConfig, AFTTrainer, adversarial_perturbation
@@ -405,3 +410,22 @@ def test_attack_runs_in_eval_mode_and_restores_the_mode(tmp_path, tiny_clip_path
             for _ in range(2)
         ]
     assert not torch.equal(live[0], live[1])
+
+
+def test_two_process_ddp_shares_the_carry_table_and_keeps_free_replays_local(tmp_path):
+    """Two real gloo DDP processes: ``carry``'s table is merged over the ranks (each rank saw half the examples) and
+    saved mid-run (a collective); ``free`` finds every example's δ on its own rank at replays 2 and 3."""
+    worker = Path(__file__).with_name("schedules_ddp_worker.py")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    result = subprocess.run([*cmd, str(worker), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert sorted(ranks[0]["carry"]) == sorted(ranks[1]["carry"]) == list(range(8))
+    for index, (epoch, delta) in ranks[0]["carry"].items():
+        assert ranks[1]["carry"][index][0] == epoch
+        assert torch.equal(ranks[1]["carry"][index][1], delta)
+    saved = load_file(tmp_path / "carry" / "checkpoint-3" / STATE_FILE)
+    assert sorted(saved["indices"].tolist()) == list(range(8))  # epoch 0's 8 from both ranks, then epoch 1's
+    for rank in ranks:  # 2 images per rank and step: none found at a group's first replay, both at the others
+        assert rank["free_found"] == [0, 2, 2, 0, 2, 2]
