@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from hf_clip_aft.data import images_to_pixels
 from hf_clip_aft.interpret.batches import masks_to_tensor
+from hf_clip_aft.interpret.monitor import MapMonitor, MonitorSettings
+from hf_clip_aft.modeling import embed_fn
 
 # First scene index of each evaluation split: far beyond any training index, so the splits never overlap.
 SPLIT_OFFSETS = {"validation": 1_000_000, "test": 2_000_000}
@@ -56,6 +58,7 @@ class SeedResult:
     figure_pixels: torch.Tensor
     figure_labels: list[int]
     figure_maps: dict[str, dict[str, torch.Tensor]]  # model -> map method -> (figure_images, H, W)
+    training_evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> monitor summary
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (without the figure tensors)."""
@@ -66,6 +69,7 @@ class SeedResult:
             "train_logs": self.train_logs,
             "same_data_order": self.same_data_order,
             "seconds": self.seconds,
+            "training_evaluations": self.training_evaluations,
         }
 
 
@@ -139,6 +143,21 @@ def prepare_world(config: ExperimentConfig, seed: int, split: str = "test", base
     )
 
 
+def validation_monitor(
+    world: World, config: ExperimentConfig, seed: int, images: int, settings: MonitorSettings | None = None
+) -> MapMonitor:
+    """The library's map monitor on the first `images` validation scenes (masks, labels, class vectors), with the
+    world's base as f0: what a user would attach to watch the maps while fine-tuning."""
+    held_out = make_scenes(seed, images, config.scenes, start=SPLIT_OFFSETS["validation"])
+    pixels = images_to_pixels(held_out["image"], world.processor)
+    with torch.no_grad():
+        reference = embed_fn(world.base, world.processor)(pixels)
+    masks = masks_to_tensor(held_out["mask"], world.processor)
+    labels = torch.tensor(held_out["label"])
+    settings = settings or MonitorSettings(max_images=images)
+    return MapMonitor(pixels, world.processor, reference, masks, labels, world.class_embeds, settings)
+
+
 def run_seed(
     config: ExperimentConfig,
     seed: int,
@@ -146,13 +165,17 @@ def run_seed(
     figure_images: int = 0,
     base_cache: dict | None = None,
     surgery_maps: bool = False,
+    monitor_images: int = 0,
 ) -> SeedResult:
     """Run the experiment for one seed, evaluating on `split` (``validation`` or ``test``).
 
     `base_cache`: see :func:`prepare_world`. `surgery_maps`: also measure every model with the training-free
-    dense maps of :data:`measure.SURGERY_METHODS`.
+    dense maps of :data:`measure.SURGERY_METHODS`. `monitor_images`: when > 0, every fine-tuning runs with the
+    library's map monitor (its defaults) on that many validation scenes, every ``config.finetune.monitor_steps``
+    steps; its summaries and verdicts are in ``training_evaluations``.
     """
     world = prepare_world(config, seed, split, base_cache)
+    monitor = validation_monitor(world, config, seed, monitor_images) if monitor_images else None
     seconds = dict(world.seconds)
     base = world.base
 
@@ -171,18 +194,20 @@ def run_seed(
         )
 
     clock = time.perf_counter()
-    metrics, maps, logs, fingerprints = {}, {}, {}, {}
+    metrics, maps, logs, fingerprints, evaluations = {}, {}, {}, {}, {}
     metrics["base"], maps["base"] = evaluate(base)
     seconds["evaluate"] = time.perf_counter() - clock
     for variant in tqdm(config.variants, desc=f"seed {seed}: fine-tuning", leave=False):
         clock = time.perf_counter()
-        result = finetune(base, world.processor, world.train_images, variant, config.finetune, seed)
+        result = finetune(base, world.processor, world.train_images, variant, config.finetune, seed, monitor=monitor)
         seconds[variant] = time.perf_counter() - clock
         clock = time.perf_counter()
         metrics[variant], maps[variant] = evaluate(result.model)
         seconds["evaluate"] += time.perf_counter() - clock
         logs[variant] = result.log_history
         fingerprints[variant] = result.fingerprints
+        if result.training_evaluation:
+            evaluations[variant] = result.training_evaluation
     orders = list(fingerprints.values())
     return SeedResult(
         seed=seed,
@@ -194,4 +219,5 @@ def run_seed(
         figure_pixels=world.eval_pixels[:figure_images],
         figure_labels=world.eval_labels[:figure_images].tolist(),
         figure_maps=maps,
+        training_evaluations=evaluations,
     )

@@ -24,6 +24,7 @@ from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection, P
 
 from hf_clip_aft import AFTConfig, AFTTrainer
 from hf_clip_aft.data import AFTDataCollator
+from hf_clip_aft.interpret.monitor import MapMonitor, MapMonitorCallback
 
 # Step size of the random-perturbation control: one PGD step this small leaves δ at its uniform random start.
 NEGLIGIBLE_STEP = 1e-3
@@ -42,7 +43,8 @@ VARIANT_DESCRIPTIONS = {
 @dataclass(frozen=True)
 class FinetuneSpec:
     """What all variants share. `eps` is the AFT radius in units of 1/255; the PGD step, the penalty scale η and
-    the smoothing σ are given as fractions of it (the paper's: 1/4 each)."""
+    the smoothing σ are given as fractions of it (the paper's: 1/4 each). `monitor_steps`: optimiser steps between
+    the map monitor's measurements when a monitor is given to :func:`finetune` (its library defaults otherwise)."""
 
     eps: float = 8.0
     steps: int = 150
@@ -53,6 +55,7 @@ class FinetuneSpec:
     eta_ratio: float = 0.25
     sigma_ratio: float = 0.25
     weight_decay: float = 0.0
+    monitor_steps: int = 15
 
 
 def attack_settings(variant: str, spec: FinetuneSpec) -> dict[str, Any]:
@@ -97,6 +100,7 @@ class FinetuneResult:
     model: CLIPVisionModelWithProjection
     log_history: list[dict[str, float]]
     fingerprints: list[float]
+    training_evaluation: dict[str, Any] | None = None  # the map monitor's summary and verdict, when monitored
 
 
 def finetune(
@@ -108,13 +112,15 @@ def finetune(
     seed: int,
     callbacks: list[TrainerCallback] | None = None,
     overrides: dict[str, Any] | None = None,
+    monitor: MapMonitor | None = None,
 ) -> FinetuneResult:
     """Fine-tune a copy of `base` as `variant`; `base` itself is left untouched.
 
     `train_images` needs an ``image`` column. Paper optimiser (AdamW β = (0.9, 0.95), cosine schedule, 7% warm-up)
     at `spec`'s learning rate, weight decay, steps and batch size. `callbacks` are added to the trainer (e.g. to
     measure the model during training). `overrides`: further `AFTConfig` fields, applied last (e.g. an
-    ``attack_schedule``, experiments/cheaper_aft).
+    ``attack_schedule``, experiments/cheaper_aft). `monitor`: the library's map monitor, attached as a user would
+    (one callback, measuring every ``spec.monitor_steps`` steps with its default settings); its verdict is returned.
     """
     with tempfile.TemporaryDirectory() as output_dir:
         args = AFTConfig(
@@ -140,9 +146,9 @@ def finetune(
             train_dataset=train_images,
             processing_class=image_processor,
             data_collator=collator,
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), *([MapMonitorCallback(monitor, spec.monitor_steps)] if monitor else [])],
         )
         trainer.remove_callback(PrinterCallback)  # the log history is returned; printing it would flood the run
         trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
-    return FinetuneResult(model, trainer.state.log_history, collator.fingerprints)
+    return FinetuneResult(model, trainer.state.log_history, collator.fingerprints, trainer.training_evaluation)

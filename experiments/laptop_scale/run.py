@@ -66,20 +66,28 @@ SMOKE_CONFIG = ExperimentConfig(
 )
 
 
-def _run_seed_in_worker(config: ExperimentConfig, seed: int, figure_images: int, threads: int) -> SeedResult:
+def _run_seed_in_worker(
+    config: ExperimentConfig, seed: int, figure_images: int, threads: int, monitor_images: int = 0
+) -> SeedResult:
     torch.set_num_threads(threads)
-    return run_seed(config, seed, "test", figure_images, surgery_maps=True)
+    return run_seed(config, seed, "test", figure_images, surgery_maps=True, monitor_images=monitor_images)
 
 
 def run_seeds(
-    config: ExperimentConfig, seeds: list[int], figure_images: int, workers: int, threads: int
+    config: ExperimentConfig,
+    seeds: list[int],
+    figure_images: int,
+    workers: int,
+    threads: int,
+    monitor_images: int = 0,
 ) -> list[SeedResult]:
     """Every seed, in `workers` processes of `threads` torch threads each (results in the order of `seeds`)."""
     if workers <= 1:
-        torch.set_num_threads(threads)
-        return [run_seed(config, seed, "test", figure_images, surgery_maps=True) for seed in seeds]
+        return [_run_seed_in_worker(config, seed, figure_images, threads, monitor_images) for seed in seeds]
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_run_seed_in_worker, config, seed, figure_images, threads) for seed in seeds]
+        futures = [
+            pool.submit(_run_seed_in_worker, config, seed, figure_images, threads, monitor_images) for seed in seeds
+        ]
         return [future.result() for future in futures]
 
 
@@ -173,6 +181,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--figure_images", type=int, default=6, help="Rows of the saliency figure.")
     parser.add_argument("--smoke", action="store_true", help="Toy sizes, seconds: checks the pipeline only.")
     parser.add_argument(
+        "--monitor_images",
+        type=int,
+        default=0,
+        help="Fine-tune with the library's map monitor on this many validation scenes (0: off), every "
+        "--monitor_steps steps; the verdicts go into results.json and the output.",
+    )
+    parser.add_argument("--monitor_steps", type=int, default=15, help="Optimiser steps between measurements.")
+    parser.add_argument(
         "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="Fine-tuning variants (default: all)."
     )
     args = parser.parse_args(argv)
@@ -181,9 +197,12 @@ def main(argv: list[str] | None = None) -> dict:
     if "aft" not in args.variants:
         raise ValueError(f"--variants={args.variants} must include 'aft' (the figures compare it with the base).")
     config = dataclasses.replace(SMOKE_CONFIG if args.smoke else FINAL_CONFIG, variants=tuple(args.variants))
+    config = dataclasses.replace(
+        config, finetune=dataclasses.replace(config.finetune, monitor_steps=args.monitor_steps)
+    )
 
     start = time.perf_counter()
-    results = run_seeds(config, args.seeds, args.figure_images, args.workers, args.threads)
+    results = run_seeds(config, args.seeds, args.figure_images, args.workers, args.threads, args.monitor_images)
     summary = mean_std(results)
     os.makedirs(args.output, exist_ok=True)
     report = {
@@ -211,6 +230,9 @@ def main(argv: list[str] | None = None) -> dict:
     write_figure(results[0], os.path.join(args.output, FIGURE_NAME))
     write_surgery_figure(results[0], os.path.join(args.output, SURGERY_FIGURE_NAME))
     print(table_markdown(results, summary))
+    for result in results:
+        for variant, evaluation in result.training_evaluations.items():
+            print(f"seed {result.seed}, {variant}: {evaluation['verdict']}")
     print(f"Wrote {args.output} in {report['seconds_total']:.0f} s.")
     return report
 

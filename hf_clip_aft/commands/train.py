@@ -218,8 +218,9 @@ def main(
     trainer.save_model()
     if trainer.is_world_process_zero():
         out = training_args.output_dir
-        if trainer.training_evaluation and trainer.training_evaluation.get("verdict"):
-            print(f"\n{trainer.training_evaluation['verdict']}")
+        evaluation = trainer.training_evaluation
+        if evaluation and evaluation["improved"]:  # otherwise the monitor has just logged it as a warning
+            print(f"\n{evaluation['verdict']}")
         print(f"\nSaved the fine-tuned CLIP to {out}. Load it with plain transformers:")
         print(f'    from transformers import CLIPModel\n    model = CLIPModel.from_pretrained("{out}")')
     # Every rank waits for the others, then leaves the process group: a rank that exits while another still talks
