@@ -5,6 +5,8 @@
         --paths library library-precompute naive   # the RESULTS.md comparison: ~17 min
     python benchmarks/aft_step.py --model vit-b-32 --batch_size 4 --attack_steps 0 1 2 5 10 --paths library
     python benchmarks/aft_step.py --model vit-b-16 --device cuda --precision bf16 --batch_size 64 --peak_tflops 989
+    python benchmarks/aft_step.py --model vit-b-16 --batch_size 2 --threads 1 --paths library \
+        --schedules pgd pgd_early_stop fgsm_rs free carry      # every attack schedule: the RESULTS.md comparison
 
 Nothing is downloaded: the vision tower is randomly initialised from a named architecture of
 `hf_clip_aft.model_configs` (tiny, vit-b-16, vit-b-32, vit-l-14, vit-l-14-336) or read from a local checkpoint.
@@ -20,6 +22,13 @@ Paths:
                       requiring grad during the attack, a clean forward with graph even at clean weight 0 (alive
                       until the backward is done), always fp32.
   naive-no-clean      naive without the clean forward: what freezing the weights during the attack alone saves.
+
+Schedules (``--schedules``, library paths; `hf_clip_aft.schedules`): ``pgd`` (K = ``--attack_steps``),
+``pgd_early_stop`` (the same with ``attack_early_stop``), ``fgsm_rs``, ``free`` (``--replays``, each replay one
+timed step) and ``carry`` (K = ``--carry_steps``, ATTA-1 by default; a benchmark run visits each image once, so it
+measures the cost of a carried step, which is that of PGD with the same K). Besides FlopCounterMode's count, each
+row gives the forward-equivalents the trainer itself counted (``counted``, the FLOP model of
+`hf_clip_aft.schedules`, which leaves out attention's costlier backward).
 
 Reported: step time and images/s; FLOPs of one step counted with `torch.utils.flop_counter.FlopCounterMode`
 (matmuls, convolutions, attention; not element-wise ops), as forward-equivalents per image, achieved TFLOP/s and,
@@ -57,6 +66,7 @@ from hf_clip_aft.model_configs import clip_config
 from hf_clip_aft.trainer import load_vision_tower
 
 PATHS = ("library", "library-precompute", "naive", "naive-no-clean")
+SCHEDULES = ("pgd", "pgd_early_stop", "fgsm_rs", "free", "carry")
 MIB = 2**20
 
 # FlopCounterMode has no formula for the CPU flash-attention kernels that sdpa runs on the CPU; they do the same
@@ -121,6 +131,19 @@ class Setting:
     attn_implementation: str = "sdpa"
     threads: int | None = None
     logging_steps: int | None = None  # None: no step of the run is logged
+    schedule: str = "pgd"  # one of SCHEDULES (library paths)
+    replays: int = 4  # free's m
+
+
+def schedule_settings(setting: Setting) -> dict:
+    """The `AFTConfig` fields of `setting`'s attack schedule (the naive path is always plain PGD)."""
+    if setting.path.startswith("naive") or setting.schedule == "pgd":
+        return {}
+    if setting.schedule == "pgd_early_stop":
+        return {"attack_early_stop": True}
+    if setting.schedule == "free":
+        return {"attack_schedule": "free", "attack_replays": setting.replays}
+    return {"attack_schedule": setting.schedule}
 
 
 def build_vision_tower(name_or_path: str, attn_implementation: str, seed: int) -> CLIPVisionModelWithProjection:
@@ -175,6 +198,8 @@ class StepProbe(TrainerCallback):
         self.times: list[float] = []
         self.step_flops = 0
         self.memory: dict[str, int] = {}
+        self.trainer: AFTTrainer | None = None  # set after the trainer is built, to read its own count
+        self.counted: list[float] = []  # the trainer's forward-equivalents per image of each step
         self._counting: contextlib.ExitStack | None = None
         self._start = 0.0
 
@@ -199,6 +224,9 @@ class StepProbe(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self._sync()
         elapsed = time.perf_counter() - self._start
+        counts = self.trainer._metrics["train"].get("forward_equivalents") if self.trainer else None
+        if counts:
+            self.counted.append(counts[-1].item())
         if self._counting is not None:
             self._counting.close()
             self._counting = None
@@ -258,6 +286,7 @@ def run_setting(setting: Setting, measure: str) -> dict:
             disable_tqdm=True,
             dataloader_num_workers=0,
             seed=setting.seed,
+            **schedule_settings(setting),
             # The reference steps torch.optim.AdamW with its defaults.
             **({"optim": "adamw_torch"} if naive else {"optim": setting.optim} if setting.optim else {}),
         )
@@ -267,12 +296,14 @@ def run_setting(setting: Setting, measure: str) -> dict:
             trainer_class = type("NoCleanForwardTrainer", (ReferenceCostTrainer,), {"clean_forward": False})
         dataset = random_image_dataset(setting.batch_size * total_steps, size, setting.seed)
         trainer = trainer_class(vision, args=args, train_dataset=dataset, processing_class=processor, callbacks=[probe])
+        probe.trainer = trainer
         precompute_s = None
         if args.precompute_ref_embeddings:
             start = time.perf_counter()
             trainer.get_train_dataloader()  # embeds the train set once; train() then reuses the table
             precompute_s = time.perf_counter() - start
         loss = trainer.train().training_loss
+        counted = probe.counted
 
     if measure == "time":
         step_s = statistics.median(probe.times)
@@ -292,6 +323,7 @@ def run_setting(setting: Setting, measure: str) -> dict:
         "forward_equivalents_per_image": probe.step_flops / (setting.batch_size * forward_flops),
         "peak_mib": probe.memory["peak"] / MIB,
         "step_peak_mib": (probe.memory["peak"] - probe.memory["start"]) / MIB,
+        "counted_forward_equivalents_per_image": statistics.mean(counted) if counted else None,
     }
 
 
@@ -329,17 +361,48 @@ def cpu_model() -> str:
 
 def print_table(results: list[dict], peak_tflops: float | None) -> None:
     print(
-        f"{'path':<19}{'K':>3}{'batch':>6}{'prec':>6}{'step s':>9}{'img/s':>8}{'fwd-eq/img':>11}{'TFLOP/s':>9}"
-        f"{'MFU':>7}{'peak MiB':>10}{'step MiB':>10}"
+        f"{'path':<19}{'schedule':<15}{'K':>3}{'batch':>6}{'prec':>6}{'step s':>9}{'img/s':>8}{'fwd-eq/img':>11}"
+        f"{'TFLOP/s':>9}{'MFU':>7}{'peak MiB':>10}{'step MiB':>10}{'counted':>9}"
     )
     for r in results:
         s = r["setting"]
         precision = "fp32" if s["path"].startswith("naive") else s["precision"]
         mfu = f"{r['tflops'] / peak_tflops:.1%}" if peak_tflops else "-"
         print(
-            f"{s['path']:<19}{s['attack_steps']:>3}{s['batch_size']:>6}{precision:>6}{r['step_s']:>9.3f}"
+            f"{s['path']:<19}{s['schedule']:<15}{_steps(s):>3}{s['batch_size']:>6}{precision:>6}{r['step_s']:>9.3f}"
             f"{r['images_per_s']:>8.2f}{r['forward_equivalents_per_image']:>11.2f}{r['tflops']:>9.3f}{mfu:>7}"
-            f"{r['peak_mib']:>10.0f}{r['step_peak_mib']:>10.0f}"
+            f"{r['peak_mib']:>10.0f}{r['step_peak_mib']:>10.0f}{_counted(r):>9}"
+        )
+
+
+def _steps(setting: dict) -> str:
+    return "-" if setting["schedule"] in ("fgsm_rs", "free") else str(setting["attack_steps"])
+
+
+def _counted(result: dict) -> str:
+    value = result.get("counted_forward_equivalents_per_image")
+    return "-" if value is None else f"{value:.2f}"
+
+
+def print_schedule_ratios(results: list[dict]) -> None:
+    """Every schedule against plain PGD with the most steps, per batch size and path: FLOPs and images/s ratios."""
+    for r in results:
+        s = r["setting"]
+        pgd = [
+            other
+            for other in results
+            if other["setting"]["schedule"] == "pgd"
+            and other["setting"]["path"] == s["path"]
+            and other["setting"]["batch_size"] == s["batch_size"]
+        ]
+        if not pgd or s["schedule"] == "pgd":
+            continue
+        reference = max(pgd, key=lambda other: other["setting"]["attack_steps"])
+        k = reference["setting"]["attack_steps"]
+        print(
+            f"{s['schedule']} (K={_steps(s)}) / pgd K={k}, batch {s['batch_size']}: FLOPs per image "
+            f"{r['forward_equivalents_per_image'] / reference['forward_equivalents_per_image']:.3f}, "
+            f"images/s {r['images_per_s'] / reference['images_per_s']:.2f}x"
         )
 
 
@@ -348,7 +411,8 @@ def print_ratios(results: list[dict]) -> None:
     by_key: dict[tuple[int, int], dict[str, dict]] = {}
     for r in results:
         s = r["setting"]
-        by_key.setdefault((s["attack_steps"], s["batch_size"]), {})[s["path"]] = r
+        if s["schedule"] == "pgd":
+            by_key.setdefault((s["attack_steps"], s["batch_size"]), {})[s["path"]] = r
     for (k, batch), paths in by_key.items():
         naive = paths.get("naive")
         for name in ("library", "library-precompute", "naive-no-clean"):
@@ -379,6 +443,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--paths", nargs="+", default=["library", "naive"], choices=PATHS)
     parser.add_argument("--batch_size", nargs="+", type=int, default=[2], help="per-device batch size(s)")
     parser.add_argument("--attack_steps", nargs="+", type=int, default=[10], help="attack step count(s) K")
+    parser.add_argument(
+        "--schedules",
+        nargs="+",
+        default=["pgd"],
+        choices=SCHEDULES,
+        help="attack schedules of the library paths (fgsm_rs and free run once, whatever K)",
+    )
+    parser.add_argument("--replays", type=int, default=4, help="free's replays m")
+    parser.add_argument("--carry_steps", type=int, default=1, help="carry's K (ATTA-1: 1)")
     parser.add_argument(
         "--precision",
         default="fp32",
@@ -438,11 +511,20 @@ def main(argv: list[str] | None = None) -> None:
         f"load average {load_before[0]:.2f}"
     )
     results = []
-    for k in args.attack_steps:
+    runs = []  # (schedule, K): fgsm_rs and free take no K, carry has its own
+    for schedule in args.schedules:
+        # fgsm_rs and free ignore attack_steps (it only has to be > 0): shown as "-".
+        steps = {"fgsm_rs": [1], "free": [1], "carry": [args.carry_steps]}.get(schedule, args.attack_steps)
+        runs += [(schedule, k) for k in steps]
+    for schedule, k in runs:
         for batch in args.batch_size:
             for path in args.paths:
+                if schedule != "pgd" and path.startswith("naive"):
+                    continue  # the naive baseline is plain PGD
                 setting = Setting(
                     path=path,
+                    schedule=schedule,
+                    replays=args.replays,
                     model=args.model,
                     batch_size=batch,
                     attack_steps=k,
@@ -459,7 +541,7 @@ def main(argv: list[str] | None = None) -> None:
                     logging_steps=args.logging_steps,
                 )
                 results.append(run_in_subprocess(setting))
-                print(f"  done: {path} K={k} batch {batch}: {results[-1]['step_s']:.3f} s/step", flush=True)
+                print(f"  done: {path} {schedule} K={k} batch {batch}: {results[-1]['step_s']:.3f} s/step", flush=True)
     first = results[0]
     print(
         f"forward: {first['forward_gflop_per_image']:.3f} GFLOP/image counted "
@@ -467,6 +549,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print_table(results, args.peak_tflops)
     print_ratios(results)
+    print_schedule_ratios(results)
     print(f"load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
     if args.output:
         with open(args.output, "w") as out:
