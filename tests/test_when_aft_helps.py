@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_clip_aft.interpret.monitor import MapGuard
+
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "when_aft_helps"
 sys.path.insert(0, str(EXPERIMENT))
 
@@ -16,7 +18,7 @@ run = importlib.import_module("run_study")
 
 def test_guard_summary_replays_the_guard_and_picks_the_best_evaluation():
     base = {"energy_pointing_game": 0.50}
-    guard = study.MapGuard("energy_pointing_game", True, tolerance=0.02, patience=2)
+    guard = MapGuard("energy_pointing_game", True, tolerance=0.02, patience=2)
     values = [(8, 0.49), (16, 0.47), (24, 0.45), (30, 0.52)]  # within tolerance, worse, worse (fires), better
     trace = [{"step": step, "energy_pointing_game": v, "guard_fired": guard.update(0.50, v)} for step, v in values]
     assert study.guard_summary(base, trace, "energy_pointing_game") == {

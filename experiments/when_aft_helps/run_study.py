@@ -259,7 +259,8 @@ def write_figure(rows: list[dict[str, Any]], path: str) -> None:
     axes[0].set_ylabel("ΔEPG = AFT − clean control")
     handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=f"lr {lr:g}") for lr, c in colours.items()]
     handles += [plt.Line2D([], [], ls="", marker=m, color="0.3", label=f"ε {e:g}/255") for e, m in markers.items()]
-    handles.append(plt.Line2D([], [], ls="", marker="o", mfc="white", mec="black", label="guard fired"))
+    if any(row["guard_fired_at"] is not None for row in rows):  # the legend names only what is plotted
+        handles.append(plt.Line2D([], [], ls="", marker="o", mfc="white", mec="black", label="guard fired (outline)"))
     axes[1].legend(handles=handles, fontsize=8, loc="best")
     fig.suptitle(f"When does AFT help? Each point one (world, seed, lr, ε); grey band: |ΔEPG| ≤ {NEUTRAL_BAND}")
     fig.tight_layout()

@@ -11,10 +11,11 @@ scenes, tower and pre-training. Its dials move two properties of the base before
 A *job* is one (world, seed): the base is pre-trained once, then fine-tuned by the library's `AFTTrainer` as ``aft``
 at each (learning rate, ε) cell of the job, as the ``random`` control at the same cells, and once as the ``clean``
 control (ε = 0; with weight decay 0 its gradient is exactly zero, so it is the base at any learning rate and ε,
-which the job checks bit for bit). During every fine-tuning the issue-19 monitor (:class:`MapMonitor`) measures the
-maps on held-out validation scenes at :attr:`StudySpec.guard_points`, and :class:`MapGuard` (energy pointing game,
-tolerance 0.02, patience 2) says whether the guard would have fired and when; the best of those evaluations (base
-included) is what ``load_best_model_at_end`` would have kept.
+which the job checks bit for bit). Every fine-tuning runs with the library's map monitor attached as a user would
+(one :class:`MapMonitorCallback`, on held-out validation scenes, at :attr:`StudySpec.guard_points`): its guard
+(energy pointing game, tolerance 0.02, patience 2) says whether and when it fired; the best of those evaluations
+(base included) is what ``load_best_model_at_end`` would have kept. The study replays the guard and never stops a
+run (``stop_after_collapses=0``), so that every cell trains for the same number of steps.
 """
 
 from __future__ import annotations
@@ -26,22 +27,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from transformers import TrainerCallback
-
 # The laptop-scale modules (scenes, pretrain, finetune, measure, experiment) are reused as they are.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "laptop_scale"))
 
-from experiment import SPLIT_OFFSETS, ExperimentConfig, World, prepare_world
+import torch
+from experiment import ExperimentConfig, prepare_world, validation_monitor
 from finetune import FinetuneSpec, finetune
 from measure import PRIMARY_METRIC, evaluate_tower
 from pretrain import PretrainSpec, TowerSpec
-from scenes import SceneSpec, make_scenes
+from scenes import SceneSpec
 
-from hf_clip_aft.data import images_to_pixels
-from hf_clip_aft.interpret.batches import masks_to_tensor
-from hf_clip_aft.interpret.monitor import MapGuard, MapMonitor, MonitorSettings
-from hf_clip_aft.modeling import embed_fn
+from hf_clip_aft.interpret.monitor import MonitorSettings
 
 LEARNING_RATES = (1e-5, 1e-4, 1e-3)
 EPSILONS = (2.0, 4.0, 8.0)  # units of 1/255
@@ -56,16 +52,27 @@ class StudySpec:
         finetune: steps, batch size and attack steps of every fine-tuning (lr and ε are set per cell).
         attack_steps: PGD steps of the evaluation's attack (robust accuracy, attack cosine).
         monitor_images: held-out validation scenes the guard's monitor measures.
-        guard_points: fine-tuning steps at which the monitor measures (the base is measured once, at step 0).
+        guard_points: fine-tuning steps at which the monitor measures (the base is measured once, at step 0): every
+            ``finetune.monitor_steps`` steps and the last step.
         guard_tolerance, guard_patience: the guard of issue 19 (energy pointing game units; evaluations in a row).
     """
 
-    finetune: FinetuneSpec = field(default_factory=lambda: FinetuneSpec(steps=30, batch_size=32, attack_steps=4))
+    finetune: FinetuneSpec = field(
+        default_factory=lambda: FinetuneSpec(steps=30, batch_size=32, attack_steps=4, monitor_steps=8)
+    )
     attack_steps: int = 4
     monitor_images: int = 48
     guard_points: tuple[int, ...] = (8, 16, 24, 30)
     guard_tolerance: float = 0.02
     guard_patience: int = 2
+
+    def __post_init__(self) -> None:
+        every, steps = self.finetune.monitor_steps, self.finetune.steps
+        measured = tuple(sorted({*range(every, steps + 1, every), steps}))
+        if self.guard_points != measured:
+            raise ValueError(
+                f"guard_points={self.guard_points}: a monitor every {every} steps of {steps} measures at {measured}."
+            )
 
 
 def _world(
@@ -122,23 +129,11 @@ SMOKE_WORLD = ExperimentConfig(
     eval_size=16,
 )
 SMOKE_SPEC = StudySpec(
-    finetune=FinetuneSpec(steps=2, batch_size=8, attack_steps=2), attack_steps=2, monitor_images=8, guard_points=(1, 2)
+    finetune=FinetuneSpec(steps=2, batch_size=8, attack_steps=2, monitor_steps=1),
+    attack_steps=2,
+    monitor_images=8,
+    guard_points=(1, 2),
 )
-
-
-class GuardCallback(TrainerCallback):
-    """Measures the model with `monitor` at `points` (global steps) and replays `guard` against the base's value."""
-
-    def __init__(self, monitor: MapMonitor, guard: MapGuard, base: dict[str, float], points: tuple[int, ...]):
-        self.monitor, self.guard, self.base, self.points = monitor, guard, base, set(points)
-        self.trace: list[dict[str, Any]] = []
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step in self.points:
-            values = self.monitor.measure(model)
-            fired = self.guard.update(self.base[self.guard.metric], values[self.guard.metric])
-            self.trace.append({"step": state.global_step, **values, "guard_fired": fired})
-        return control
 
 
 def guard_summary(base: dict[str, float], trace: list[dict[str, Any]], metric: str) -> dict[str, Any]:
@@ -151,23 +146,6 @@ def guard_summary(base: dict[str, float], trace: list[dict[str, Any]], metric: s
     points = [(0, base[metric])] + [(point["step"], point[metric]) for point in trace]
     best_step, best_value = max(points, key=lambda point: point[1])  # the first of equal values: the earliest
     return {"fired_at": fired[0] if fired else None, "best_step": best_step, "best_value": best_value}
-
-
-def _monitor(world: World, config: ExperimentConfig, seed: int, spec: StudySpec) -> MapMonitor:
-    """The issue-19 monitor on the first `spec.monitor_images` validation scenes, with the base as f0."""
-    held_out = make_scenes(seed, spec.monitor_images, config.scenes, start=SPLIT_OFFSETS["validation"])
-    pixels = images_to_pixels(held_out["image"], world.processor)
-    with torch.no_grad():
-        reference = embed_fn(world.base, world.processor)(pixels)
-    settings = MonitorSettings(
-        max_images=spec.monitor_images,
-        guard_tolerance=spec.guard_tolerance,
-        guard_patience=spec.guard_patience,
-    )
-    masks = masks_to_tensor(held_out["mask"], world.processor)
-    return MapMonitor(
-        pixels, world.processor, reference, masks, torch.tensor(held_out["label"]), world.class_embeds, settings
-    )
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -189,7 +167,13 @@ def run_job(
     """
     clock = time.perf_counter()
     world = prepare_world(config, seed, "test")
-    monitor = _monitor(world, config, seed, spec)
+    settings = MonitorSettings(
+        max_images=spec.monitor_images,
+        guard_tolerance=spec.guard_tolerance,
+        guard_patience=spec.guard_patience,
+        stop_after_collapses=0,
+    )
+    monitor = validation_monitor(world, config, seed, spec.monitor_images, settings)
     base_monitor = monitor.measure(world.base)
 
     def evaluate(model, eps: float) -> dict[str, float]:
@@ -209,11 +193,14 @@ def run_job(
     base = {eps: evaluate(world.base, eps) for eps in sorted({eps for _, eps in cells})}
 
     def fine_tune(variant: str, lr: float, eps: float) -> tuple[dict[str, Any], torch.nn.Module]:
-        guard = MapGuard(PRIMARY_METRIC, True, spec.guard_tolerance, spec.guard_patience)
-        callback = GuardCallback(monitor, guard, base_monitor, spec.guard_points)
         ft_spec = dataclasses.replace(spec.finetune, learning_rate=lr, eps=eps)
         start = time.perf_counter()
-        result = finetune(world.base, world.processor, world.train_images, variant, ft_spec, seed, [callback])
+        result = finetune(world.base, world.processor, world.train_images, variant, ft_spec, seed, monitor=monitor)
+        evaluation = result.training_evaluation
+        trace = [
+            {**point, "guard_fired": point["step"] in evaluation["guard_fired_steps"]}
+            for point in evaluation["history"][1:]
+        ]
         record = {
             "world": world_name,
             "seed": seed,
@@ -221,8 +208,8 @@ def run_job(
             "learning_rate": lr,
             "eps": eps,
             "metrics": evaluate(result.model, eps),
-            "guard_trace": callback.trace,
-            "guard": guard_summary(base_monitor, callback.trace, PRIMARY_METRIC),
+            "guard_trace": trace,
+            "guard": guard_summary(base_monitor, trace, PRIMARY_METRIC),
             "seconds": time.perf_counter() - start,
         }
         return record, result.model

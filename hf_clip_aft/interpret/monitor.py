@@ -395,6 +395,7 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
         self.trainer = None
         self.history: list[tuple[int, dict[str, float]]] = []
         self.warnings: list[str] = []
+        self.guard_fired_steps: list[int] = []
         self.collapsed_in_a_row = 0
         self.exported_step: int | None = None
         self.selection_metric: str | None = None
@@ -460,12 +461,13 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
             self.base_not_candidate = "no metric_for_best_model selects among the checkpoints"
 
     def state(self) -> dict[str, Any]:
-        """The history, saved in every checkpoint (``trainer_state.json``); restored by :meth:`load_checkpoint_state`."""
+        """The history, saved in every checkpoint's ``trainer_state.json`` (see :meth:`load_checkpoint_state`)."""
         return {
             "args": {},
             "attributes": {
                 "history": [[step, values] for step, values in self.history],
                 "warnings": list(self.warnings),
+                "guard_fired_steps": list(self.guard_fired_steps),
                 "guard_bad_in_a_row": self.guard.bad_in_a_row,
                 "collapsed_in_a_row": self.collapsed_in_a_row,
             },
@@ -477,6 +479,7 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
         order = self.monitor.available_metrics  # trainer_state.json sorts the keys; the record keeps this order
         self.history = [(int(step), {k: values[k] for k in order}) for step, values in attributes["history"]]
         self.warnings = list(attributes["warnings"])
+        self.guard_fired_steps = [int(step) for step in attributes["guard_fired_steps"]]
         self.guard.bad_in_a_row = int(attributes["guard_bad_in_a_row"])
         self.collapsed_in_a_row = int(attributes["collapsed_in_a_row"])
         self._restored = True
@@ -496,7 +499,7 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
             )
         self._last_measured = time.perf_counter()
         if state.global_step == 0:
-            self.history, self.warnings = [(0, self.monitor.measure(kwargs["model"]))], []
+            self.history, self.warnings, self.guard_fired_steps = [(0, self.monitor.measure(kwargs["model"]))], [], []
             self.trainer.log({f"eval_{name}": value for name, value in self.base.items()})
             if self.selection_metric:
                 state.best_metric = self.base[self.selection_metric]  # a checkpoint must beat the base
@@ -529,7 +532,7 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
         self.trainer.log({**logs, "eval_monitor_seconds": seconds})
         if metrics is not None:
             metrics.update(logs)
-        problems, collapsed = self._problems(values)
+        problems, collapsed = self._problems(values, state.global_step)
         self.collapsed_in_a_row = self.collapsed_in_a_row + 1 if collapsed else 0
         for problem in problems:
             message = f"Step {state.global_step}: {problem}"
@@ -545,11 +548,12 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
             control.should_training_stop = True
         self.trainer.training_evaluation = self.summary()
 
-    def _problems(self, values: dict[str, float]) -> tuple[list[str], bool]:
-        """The warnings of one measurement, and whether it shows collapse."""
+    def _problems(self, values: dict[str, float], step: int) -> tuple[list[str], bool]:
+        """The warnings of the measurement at `step`, and whether it shows collapse."""
         base, problems = self.base, []
         name = self.guard.metric
         if self.guard.update(base[name], values[name]):
+            self.guard_fired_steps.append(step)
             problems.append(
                 f"the maps are worse than the base's: {name} {values[name]:.4f} vs base {base[name]:.4f} for "
                 f"{self.guard.bad_in_a_row} evaluations in a row (tolerance {self.guard.tolerance})."
@@ -618,6 +622,8 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
             "improved": improved,
             "base_not_candidate": self.base_not_candidate,
             "warnings": list(self.warnings),
+            "guard_fired_steps": list(self.guard_fired_steps),
+            "history": [{"step": step, **values} for step, values in self.history],
         }
         summary["verdict"] = verdict_text(summary) if self.exported_step is not None else None
         return summary
