@@ -429,3 +429,32 @@ def test_two_process_ddp_shares_the_carry_table_and_keeps_free_replays_local(tmp
     assert sorted(saved["indices"].tolist()) == list(range(8))  # epoch 0's 8 from both ranks, then epoch 1's
     for rank in ranks:  # 2 images per rank and step: none found at a group's first replay, both at the others
         assert rank["free_found"] == [0, 2, 2, 0, 2, 2]
+
+
+@pytest.mark.parametrize(
+    "overrides, sentence, row",
+    [
+        ({}, "a 10-step signed-gradient PGD from a random start", None),
+        ({"attack_schedule": "fgsm_rs"}, "one signed-gradient step from a random start", "| fgsm_rs |"),
+        ({"attack_schedule": "free"}, "every batch is replayed 4 times", "| free, m = 4 replays |"),
+        (
+            {"attack_schedule": "carry", "attack_steps": 1},
+            "1-step signed-gradient PGD from the perturbation",
+            "| carry |",
+        ),
+        (
+            {"attack_early_stop": True},
+            "stopped for an image once its objective stops rising",
+            "| pgd, early stopping |",
+        ),
+    ],
+)
+def test_record_and_card_name_the_schedule(tmp_path, overrides, sentence, row):
+    from hf_clip_aft.release.card import render_card
+    from hf_clip_aft.release.record import TrainingRecord
+
+    record = TrainingRecord.from_config(AFTConfig(output_dir=str(tmp_path), **overrides), base_model="tiny-clip")
+    assert record.hyperparameters["attack_schedule"] == overrides.get("attack_schedule", "pgd")
+    text = str(render_card(record))
+    assert sentence in text
+    assert (row in text) if row else ("Attack schedule" not in text)

@@ -80,6 +80,10 @@ def hyperparameter_rows(hp: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ("PGD steps", f"K = {hp['attack_steps']}", "attack_steps"),
         ("Perturbation budget", str(hp["attack_norm"]), "attack_norm"),
     ]
+    schedule = hp.get("attack_schedule", "pgd")  # records before the schedules existed: PGD
+    if schedule != "pgd" or hp.get("attack_early_stop"):
+        extra = {"free": f", m = {hp.get('attack_replays')} replays", "pgd": ", early stopping"}.get(schedule, "")
+        rows.append(("Attack schedule", f"{schedule}{extra}", "attack_schedule"))
     if hp["attack_norm"] in ("huber", "elastic"):
         rows.append(("Norm penalty scale", _budget(hp["attack_eta"], "η"), "attack_eta"))
     rows += [

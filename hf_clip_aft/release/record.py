@@ -31,6 +31,7 @@ HYPERPARAMETERS = (
     "clean_weight", "embedding_normalize", "prompt_template", "learning_rate", "lr_scheduler_type", "warmup_steps",
     "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim", "max_grad_norm",
     "per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed",
+    "attack_schedule", "attack_early_stop", "attack_fgsm_step", "attack_replays", "attack_carry_reset_epochs",
 )  # fmt: skip
 
 
