@@ -345,7 +345,8 @@ class AttackSchedule(TrainerCallback):
                 f"{config.attack_replays} times, step {fgsm_step(config):g}/255: an epoch takes "
                 f"{config.attack_replays}× the optimiser steps"
             )
-        size = "" if train_size is None else f"; up to {train_size * 3 * image_size**2 * 2 / 2**30:.2f} GiB of δ"
+        gib = None if train_size is None else train_size * 3 * image_size**2 * 2 / 2**30  # float16
+        size = "" if gib is None else f"; up to {gib:.2f} GiB of δ in host memory, on every process"
         return f"attack: {config.attack_steps} steps from each example's last δ (ATTA, Zheng et al. 2020){size}"
 
 

@@ -303,6 +303,9 @@ class AFTTrainer(Trainer):
         # processes at epoch ends and checkpoints, saved and restored with the optimiser state.
         self.attack_schedule = AttackSchedule(args, gather_object if self.accelerator.num_processes > 1 else None)
         self.add_callback(self.attack_schedule)
+        size = len(self.train_dataset) if isinstance(self.train_dataset, datasets.Dataset) else None
+        if description := self.attack_schedule.describe(size, vision.config.image_size):
+            logger.info(description)
         self._checkpoint_staging: str | None = None  # the run folder stand-in while a checkpoint is written
         self._pending_checkpoint_push = False
         if self.args.should_save:

@@ -245,6 +245,13 @@ def test_table_round_trips_and_merges_the_newest(tmp_path):
         assert torch.equal(restored.table.rows[index][2], delta)
 
 
+def test_start_up_line_says_what_the_schedule_costs():
+    assert AttackSchedule(settings()).describe(1000, 224) is None  # plain PGD: nothing to say
+    carry = AttackSchedule(settings(attack_schedule="carry", attack_steps=1)).describe(1000, 224)
+    assert "up to 0.28 GiB of δ" in carry  # 1000 × 3 × 224² float16
+    assert "replayed 3 times" in AttackSchedule(settings(attack_schedule="free")).describe(1000, 224)
+
+
 def test_step_cost_counts_forward_equivalents():
     assert step_cost(torch.tensor([10, 10]), reference=True, clean_forward=False) == 24.0  # 2K + 4
     assert step_cost(torch.tensor([4, 2]), reference=False, clean_forward=False) == 9.0  # early stop: 2·3 + 3
