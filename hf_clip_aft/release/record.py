@@ -81,9 +81,12 @@ class TrainingRecord:
             and file, or a local file's name).
         versions: ``{package: version}`` of hf_clip_aft, transformers and torch in the run.
         training_evaluation: the interpretability measured during training by the map monitor
-            (:meth:`hf_clip_aft.interpret.monitor.MapMonitorCallback.summary`): the watched ``metric``, the
-            ``base`` values at step 0, the ``final`` values at ``final_step``, the ``best`` values at ``best_step``,
-            and the ``warnings`` raised; None when the run was not monitored.
+            (:meth:`hf_clip_aft.interpret.monitor.MapMonitorCallback.summary`): the selection ``metric``, the
+            ``base`` values at step 0, the ``best`` values at ``best_step``, the ``final`` values at ``final_step``,
+            the ``exported`` values at ``exported_step`` (0 and ``exported_is_base`` when no checkpoint beat the
+            base and its weights were exported), ``improved`` (the export beats the base on ``metric``), the
+            ``warnings`` raised, every measurement (``history``) and the one-paragraph ``verdict``; None when the
+            run was not monitored.
     """
 
     base_model: str | None = None
