@@ -227,8 +227,9 @@ def table(summary: dict) -> str:
         )
         for name, row in entry["variants"].items():
             share = row.get("cost_share_of_pgd10")
+            share = "–" if share is None else f"{share:.2f}"
             lines.append(
-                f"| {name} | {_pm(row['forward_equivalents'], 2)} | {share:.2f} | {_pm(row['gflop_per_image'], 4)} "
+                f"| {name} | {_pm(row['forward_equivalents'], 2)} | {share} | {_pm(row['gflop_per_image'], 4)} "
                 f"| {_pm(row['gain'])} | {_pm(row['energy_pointing_game'])} | {_pm(row['accuracy'])} "
                 f"| {_pm(row['robust_accuracy'])} | {_pm(row['embedding_spread'])} "
                 f"| {'–' if row.get('meets_target') is None else 'yes' if row['meets_target'] else 'no'} |"
