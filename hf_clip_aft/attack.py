@@ -305,55 +305,106 @@ def projected_gradient_ascent(
             backward). Without it every row takes K steps, through exactly :func:`adversarial_perturbation`'s
             arithmetic.
     """
+    rule = _rule(config, pixels)
+    pixels = pixels.detach()
+    target_embeds = target_embeds.detach()
+    steps_taken = torch.zeros(len(pixels), dtype=torch.int64)
+    if config.attack_steps == 0 or rule.eps == 0:
+        return AttackOutcome(pixels.clone(), steps_taken)
+
+    delta = _start(pixels, config, rule, randomness, start, carried)
+    velocity = torch.zeros_like(pixels)
+    if early_stop:
+        return _early_stopped_ascent(embed_fn, pixels, target_embeds, delta, velocity, randomness, config, rule)
+    for step in range(1, config.attack_steps + 1):
+        smoothed = _smoothed(pixels, randomness, step, rule.sigma)
+        delta.requires_grad_(True)
+        with torch.enable_grad():
+            objective = inner_objective(
+                embed_fn, smoothed, delta, target_embeds, rule.norm, rule.eps, rule.eta, rule.elastic_rule
+            )
+            (grad,) = torch.autograd.grad(objective * OBJECTIVE_SCALE, delta)
+        with torch.no_grad():
+            delta, velocity = _ascend(delta, grad, velocity, pixels, rule)
+    return AttackOutcome((pixels + delta).detach(), steps_taken + config.attack_steps)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """The update rule of one attack, in pixel units (ε, α, η already divided by 255; σ in units of 1/255)."""
+
+    norm: str
+    elastic_rule: str
+    kind: str  # how steps are normalised: see _direction_kind
+    momentum: float
+    group_size: int | None
+    eps: float
+    alpha: float
+    eta: float
+    sigma: float
+
+
+def _rule(config: AttackSettings, pixels: torch.Tensor) -> _Rule:
+    """`config`'s update rule, validated (norm, elastic rule, group size against the image)."""
     norm = config.attack_norm
     if norm not in ATTACK_NORMS:
         raise ValueError(f"attack_norm={norm!r} is not one of {ATTACK_NORMS}.")
     elastic_rule = getattr(config, "elastic_rule", "library")
     if elastic_rule not in ELASTIC_RULES:
         raise ValueError(f"elastic_rule={elastic_rule!r} is not one of {ELASTIC_RULES}.")
-    momentum = resolve_momentum(norm, elastic_rule, getattr(config, "attack_momentum", None))
     group_size = getattr(config, "attack_group_size", None)
     if norm == "group":
         check_group_size(group_size, pixels.shape[-2], pixels.shape[-1])
-    kind = _direction_kind(norm, elastic_rule)
-    eps, alpha = config.attack_eps / 255, config.attack_step_size / 255
-    eta, sigma = config.attack_eta / 255, config.noise_sigma
-    pixels = pixels.detach()
-    target_embeds = target_embeds.detach()
-    steps_taken = torch.zeros(len(pixels), dtype=torch.int64)
-    if config.attack_steps == 0 or eps == 0:
-        return AttackOutcome(pixels.clone(), steps_taken)
+    return _Rule(
+        norm=norm,
+        elastic_rule=elastic_rule,
+        kind=_direction_kind(norm, elastic_rule),
+        momentum=resolve_momentum(norm, elastic_rule, getattr(config, "attack_momentum", None)),
+        group_size=group_size,
+        eps=config.attack_eps / 255,
+        alpha=config.attack_step_size / 255,
+        eta=config.attack_eta / 255,
+        sigma=config.noise_sigma,
+    )
 
-    delta = _draw(pixels, randomness, 0, lambda t, g: t.uniform_(-eps, eps, generator=g))
+
+def _start(
+    pixels: torch.Tensor,
+    config: AttackSettings,
+    rule: _Rule,
+    randomness: ExampleRandomness | None,
+    start: torch.Tensor | None = None,
+    carried: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """δ₀: the uniform random start in the ε-box (projected unless ``clamp_random_start`` is False), replaced by
+    `start` (projected) on the rows where `carried` is True."""
+    delta = _draw(pixels, randomness, 0, lambda t, g: t.uniform_(-rule.eps, rule.eps, generator=g))
     if getattr(config, "clamp_random_start", True):
-        delta = _project(delta, pixels, norm, eps, group_size)
+        delta = _project(delta, pixels, rule.norm, rule.eps, rule.group_size)
     if start is not None and carried is not None and bool(carried.any()):
-        resumed = _project(start.detach().to(delta), pixels, norm, eps, group_size)
+        resumed = _project(start.detach().to(delta), pixels, rule.norm, rule.eps, rule.group_size)
         delta = torch.where(carried.to(delta.device).view(-1, 1, 1, 1), resumed, delta)
+    return delta
 
-    velocity = torch.zeros_like(pixels)
-    if early_stop:
-        return _early_stopped_ascent(
-            embed_fn, pixels, target_embeds, delta, velocity, randomness, config, kind, momentum, group_size
-        )
-    for step in range(1, config.attack_steps + 1):
-        # randn · σ / 255 in this order: at σ = 1 the very noise of the official code (randn / 255)
-        if sigma > 0:
-            noise = _draw(pixels, randomness, step, lambda t, g: t.normal_(generator=g))
-            smoothed = (pixels + noise * sigma / 255).clamp(0, 1)
-        else:
-            smoothed = pixels
-        delta.requires_grad_(True)
-        with torch.enable_grad():
-            objective = inner_objective(embed_fn, smoothed, delta, target_embeds, norm, eps, eta, elastic_rule)
-            (grad,) = torch.autograd.grad(objective * OBJECTIVE_SCALE, delta)
-        with torch.no_grad():
-            step = _direction(grad, kind, group_size)
-            if momentum:
-                velocity = _direction(momentum * velocity + step, kind, group_size)
-                step = velocity
-            delta = _project(delta + alpha * step, pixels, norm, eps, group_size)
-    return AttackOutcome((pixels + delta).detach(), steps_taken + config.attack_steps)
+
+def _smoothed(pixels: torch.Tensor, randomness: ExampleRandomness | None, step: int, sigma: float) -> torch.Tensor:
+    """The clean image with step `step`'s smoothing noise, clamp(x + z, 0, 1) with z ~ N(0, (σ/255)²)."""
+    if sigma <= 0:
+        return pixels
+    # randn · σ / 255 in this order: at σ = 1 the very noise of the official code (randn / 255)
+    noise = _draw(pixels, randomness, step, lambda t, g: t.normal_(generator=g))
+    return (pixels + noise * sigma / 255).clamp(0, 1)
+
+
+def _ascend(
+    delta: torch.Tensor, grad: torch.Tensor, velocity: torch.Tensor, pixels: torch.Tensor, rule: _Rule
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step: d = N(g); with momentum v ← N(μ·v + d), d = v; δ ← Π(δ + α·d). Returns (δ, v)."""
+    direction = _direction(grad, rule.kind, rule.group_size)
+    if rule.momentum:
+        velocity = _direction(rule.momentum * velocity + direction, rule.kind, rule.group_size)
+        direction = velocity
+    return _project(delta + rule.alpha * direction, pixels, rule.norm, rule.eps, rule.group_size), velocity
 
 
 def row_objectives(
@@ -383,9 +434,7 @@ def _early_stopped_ascent(
     velocity: torch.Tensor,
     randomness: ExampleRandomness | None,
     config: AttackSettings,
-    kind: str,
-    momentum: float,
-    group_size: int | None,
+    rule: _Rule,
 ) -> AttackOutcome:
     """The ascent of :func:`projected_gradient_ascent` where each row stops once its objective stops rising.
 
@@ -393,9 +442,6 @@ def _early_stopped_ascent(
     its value at step k − 1 goes back to its previous δ and stops; the others take their step. Only active rows
     are forwarded, so a stopped row costs nothing more.
     """
-    norm, elastic_rule = config.attack_norm, getattr(config, "elastic_rule", "library")
-    eps, alpha = config.attack_eps / 255, config.attack_step_size / 255
-    eta, sigma = config.attack_eta / 255, config.noise_sigma
     active = torch.ones(len(pixels), dtype=torch.bool, device=pixels.device)
     best = torch.full((len(pixels),), -torch.inf, device=pixels.device)
     previous = delta.clone()
@@ -404,16 +450,12 @@ def _early_stopped_ascent(
         rows = active.nonzero().flatten()
         if not len(rows):
             break
-        if sigma > 0:
-            # Drawn for every row, so that an example's noise stream does not depend on which rows stopped.
-            noise = _draw(pixels, randomness, step, lambda t, g: t.normal_(generator=g))
-            smoothed = (pixels + noise * sigma / 255).clamp(0, 1)
-        else:
-            smoothed = pixels
+        # Drawn for every row, so that an example's noise stream does not depend on which rows stopped.
+        smoothed = _smoothed(pixels, randomness, step, rule.sigma)
         current = delta[rows].requires_grad_(True)
         with torch.enable_grad():
             values = row_objectives(
-                embed_fn, smoothed[rows], current, target_embeds[rows], norm, eps, eta, elastic_rule
+                embed_fn, smoothed[rows], current, target_embeds[rows], rule.norm, rule.eps, rule.eta, rule.elastic_rule
             )
             (grad,) = torch.autograd.grad(values.sum() * OBJECTIVE_SCALE, current)
         with torch.no_grad():
@@ -424,9 +466,5 @@ def _early_stopped_ascent(
             active[stopped] = False
             best[going] = values[rising]
             previous[going] = delta[going]
-            direction = _direction(grad[rising], kind, group_size)
-            if momentum:
-                velocity[going] = _direction(momentum * velocity[going] + direction, kind, group_size)
-                direction = velocity[going]
-            delta[going] = _project(delta[going] + alpha * direction, pixels[going], norm, eps, group_size)
+            delta[going], velocity[going] = _ascend(delta[going], grad[rising], velocity[going], pixels[going], rule)
     return AttackOutcome((pixels + delta).detach(), steps_taken.cpu())

@@ -23,6 +23,7 @@ the schedule, so that evaluations compare across schedules.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -33,15 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
-from .attack import (
-    AttackOutcome,
-    ExampleRandomness,
-    _direction,
-    _direction_kind,
-    _draw,
-    _project,
-    projected_gradient_ascent,
-)
+from .attack import AttackOutcome, ExampleRandomness, _ascend, _rule, _start, projected_gradient_ascent
 from .files import atomic_write
 from .modeling import EmbedFn
 
@@ -261,31 +254,23 @@ class AttackSchedule(TrainerCallback):
 
     def _free_replay(self, pixels: torch.Tensor, randomness: ExampleRandomness, indices: list[int]) -> AttackOutcome:
         config = self.config
-        norm, eps = config.attack_norm, config.attack_eps / 255
-        group_size = getattr(config, "attack_group_size", None)
-        kind = _direction_kind(norm, getattr(config, "elastic_rule", "library"))
-        replays = config.attack_replays
         pixels = pixels.detach()
+        # Each replay steps δ once by attack_fgsm_step · ε along N(g), without momentum (Shafahi et al.).
+        rule = dataclasses.replace(_rule(config, pixels), alpha=fgsm_step(config) / 255, momentum=0.0)
         # First replay: the library's random start (Shafahi et al. carry one buffer across minibatches instead; a
         # per-example start keeps a run independent of batch composition and process count).
-        delta = _draw(pixels, randomness, 0, lambda t, g: t.uniform_(-eps, eps, generator=g))
-        if getattr(config, "clamp_random_start", True):
-            delta = _project(delta, pixels, norm, eps, group_size)
         start, found = self.table.lookup(indices, pixels)
-        delta = torch.where(
-            found.to(pixels.device).view(-1, 1, 1, 1), _project(start, pixels, norm, eps, group_size), delta
-        )
+        delta = _start(pixels, config, rule, randomness, start, found)
         uses = self.table.uses(indices)
-        step = fgsm_step(config) / 255
         adv = (pixels + delta).requires_grad_(True)
 
         def next_delta(grad: torch.Tensor) -> None:
             # Called by the training backward: δ ← Π(δ + step · N(g)), kept for the next replay of these examples.
             # A non-finite gradient (an fp16 overflow step, which the optimiser skips too) moves nothing.
             with torch.no_grad():
-                direction = _direction(torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0), kind, group_size)
-                new = _project(delta + step * direction, pixels, norm, eps, group_size)
-            done = [index for index, used in zip(indices, uses) if used + 1 >= replays]
+                finite = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+                new, _ = _ascend(delta, finite, torch.zeros_like(delta), pixels, rule)
+            done = [index for index, used in zip(indices, uses) if used + 1 >= config.attack_replays]
             self.table.store(indices, new, randomness.epoch, [used + 1 for used in uses])
             self.table.drop(done)
 

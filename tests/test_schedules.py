@@ -16,9 +16,10 @@ from accelerate.data_loader import BatchSamplerShard
 from safetensors.torch import load_file
 from torch.utils.data import BatchSampler
 
+import test_attack  # tests/ is on the path, as for test_ddp's `conftest` import
 from hf_clip_aft import AFTConfig, AFTTrainer, adversarial_perturbation
 from hf_clip_aft.attack import ExampleRandomness, projected_gradient_ascent
-from hf_clip_aft.modeling import encode_images, frozen_parameters
+from hf_clip_aft.modeling import frozen_parameters
 from hf_clip_aft.schedules import (
     STATE_FILE,
     AttackSchedule,
@@ -28,8 +29,10 @@ from hf_clip_aft.schedules import (
     reset_epoch,
     step_cost,
 )
+from test_trainer import make_args
 
-MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+# The tiny tower, four images with pixels at the range's edges, and their e0: test_attack's fixture.
+setup = test_attack.setup
 EPS = 4 / 255
 
 
@@ -48,21 +51,6 @@ def settings(**overrides):
         attack_carry_reset_epochs=10,
     )
     return SimpleNamespace(**{**base, **overrides})
-
-
-@pytest.fixture
-def setup(tiny_vision):
-    torch.manual_seed(1)
-    pixels = torch.rand(4, 3, 64, 64)
-    pixels[0, :, :8] = 0.0  # pixels at the range's edges: the projections must keep x + δ in [0, 1]
-    pixels[1, :, :8] = 1.0
-
-    def embed(x):
-        return encode_images(tiny_vision, x, MEAN, STD)
-
-    with torch.no_grad():
-        target = embed(pixels)
-    return tiny_vision, embed, pixels, target
 
 
 def reference_pgd(embed, x, e0, steps, alpha, eps=EPS, eta=1 / 255, sigma=1.0):
@@ -288,26 +276,6 @@ def test_stateful_schedules_refuse_streaming_data_and_other_samplers(photos_data
     check_schedule_setup(settings(attack_schedule="fgsm_rs"), streaming, custom_collator=True)  # stateless: fine
 
 
-def make_args(path, **overrides) -> AFTConfig:
-    values = dict(
-        output_dir=str(path),
-        use_cpu=True,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        warmup_steps=0,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        attack_steps=2,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-    values.update(overrides)
-    return AFTConfig(**values)
-
-
 @pytest.mark.parametrize(
     "overrides, cost",
     [
@@ -361,17 +329,18 @@ def test_trainer_resume_restores_the_carry_table(tmp_path, tiny_clip_path, photo
     full = run(tmp_path / "full")
     cut = tmp_path / "cut"
     run(cut)
-    assert (cut / "checkpoint-3" / STATE_FILE).is_file()
-    shutil.rmtree(cut / "checkpoint-6")
-    resumed = run(cut, resume=str(cut / "checkpoint-3"))
+    checkpoints = cut / "out"  # test_trainer.make_args writes into <folder>/out
+    assert (checkpoints / "checkpoint-3" / STATE_FILE).is_file()
+    shutil.rmtree(checkpoints / "checkpoint-6")
+    resumed = run(cut, resume=str(checkpoints / "checkpoint-3"))
     assert full.attack_schedule.table.rows.keys() == resumed.attack_schedule.table.rows.keys() == set(range(8))
     for index, (epoch, _, delta) in full.attack_schedule.table.rows.items():
         assert resumed.attack_schedule.table.rows[index][0] == epoch
         assert torch.equal(resumed.attack_schedule.table.rows[index][2], delta), index
     # Without the table the resumed run starts those examples afresh and ends elsewhere (the check above can fail).
-    (cut / "checkpoint-3" / STATE_FILE).unlink()
-    shutil.rmtree(cut / "checkpoint-6")
-    lost = run(cut, resume=str(cut / "checkpoint-3"))
+    (checkpoints / "checkpoint-3" / STATE_FILE).unlink()
+    shutil.rmtree(checkpoints / "checkpoint-6")
+    lost = run(cut, resume=str(checkpoints / "checkpoint-3"))
     assert "has no attack_perturbations.safetensors" in caplog.text
     assert any(
         not torch.equal(lost.attack_schedule.table.rows[i][2], delta)
