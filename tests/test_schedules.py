@@ -293,12 +293,19 @@ def test_trainer_logs_the_forward_equivalents_it_spent(tmp_path, tiny_clip_path,
     assert logged == [cost, cost]
 
 
-def test_trainer_free_replays_each_batch_m_times(tmp_path, tiny_clip_path, photos_dataset):
-    trainer = AFTTrainer(
-        tiny_clip_path,
-        args=make_args(tmp_path, max_steps=6, attack_schedule="free", attack_replays=3),
-        train_dataset=photos_dataset,
+@pytest.mark.parametrize("batch, accumulation", [(4, 1), (2, 2)])
+def test_trainer_free_replays_each_batch_m_times(tmp_path, tiny_clip_path, photos_dataset, batch, accumulation):
+    """m = 3 replays of each optimiser step's examples, one optimiser step (and one backward per micro-batch) per
+    replay; with gradient accumulation the whole accumulated step is replayed, micro-batch by micro-batch."""
+    args = make_args(
+        tmp_path,
+        max_steps=6,
+        attack_schedule="free",
+        attack_replays=3,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
     )
+    trainer = AFTTrainer(tiny_clip_path, args=args, train_dataset=photos_dataset)
     seen = []
     perturb = trainer.attack_schedule.perturb
 
@@ -309,10 +316,15 @@ def test_trainer_free_replays_each_batch_m_times(tmp_path, tiny_clip_path, photo
 
     trainer.attack_schedule.perturb = spy
     trainer.train()
-    batches = [indices for indices, _ in seen]
-    assert batches[0] == batches[1] == batches[2] != batches[3] == batches[4] == batches[5]
-    # Before replays 2 and 3 the table holds the batch's δ from the previous replay's backward; none before 1.
-    assert [stored for _, stored in seen] == [0, 4, 4, 0, 4, 4]
+    steps = [
+        sum((indices for indices, _ in seen[i : i + accumulation]), [])
+        for i in range(0, 6 * accumulation, accumulation)
+    ]
+    assert [len(step) for step in steps] == [4] * 6
+    assert steps[0] == steps[1] == steps[2] != steps[3] == steps[4] == steps[5]
+    # At each step's first micro-batch: the step's δ from the previous replay's backwards before replays 2 and 3
+    # (all 4 examples), nothing before replay 1 (the m-th replay's backward dropped them).
+    assert [table for _, table in seen[::accumulation]] == [0, 4, 4, 0, 4, 4]
     assert trainer.state.global_step == 6  # one optimiser step per replay
 
 
