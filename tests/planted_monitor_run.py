@@ -76,7 +76,13 @@ class KillAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def planted_run(output_dir: Path, schedule: dict[int, float], kill_at: int | None = None, resume: bool = False):
+def planted_run(
+    output_dir: Path,
+    schedule: dict[int, float],
+    kill_at: int | None = None,
+    resume: bool = False,
+    peft_config=None,
+):
     """The monitored trainer (trained and exported unless killed) and its monitor callback."""
     torch.manual_seed(0)
     train, held_out = masked_scenes(24), masked_scenes(8, seed=1)
@@ -98,7 +104,9 @@ def planted_run(output_dir: Path, schedule: dict[int, float], kill_at: int | Non
         load_best_model_at_end=True,
     )
     callbacks = [callback] + ([KillAt(kill_at)] if kill_at else [])
-    trainer = AFTTrainer(TINY, args=args, train_dataset=train, processing_class=processor, callbacks=callbacks)
+    trainer = AFTTrainer(
+        TINY, args=args, train_dataset=train, processing_class=processor, callbacks=callbacks, peft_config=peft_config
+    )
     monitor.clock = lambda: trainer.state.global_step
     trainer.train(resume_from_checkpoint=True if resume else None)
     trainer.save_model()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import (
     CLIPImageProcessorPil,
@@ -157,9 +158,12 @@ def test_greater_is_better_follows_the_registry(tmp_path, scenes):
     assert trainer.args.greater_is_better is False
 
 
-def test_every_evaluation_worse_than_the_base_exports_the_base(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_every_evaluation_worse_than_the_base_exports_the_base(tmp_path, lora):
     out = tmp_path / "worse"
-    trainer, callback = planted_run(out, {0: 0.5, 2: 0.3, 4: 0.2})
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]) if lora else None
+    trainer, callback = planted_run(out, {0: 0.5, 2: 0.3, 4: 0.2}, peft_config=peft_config)
+    assert callback.history[-1][1]["embedding_drift"] > 0  # the weights did move before the base was restored
     base = CLIPModel.from_pretrained(TINY).vision_model.state_dict()
     exported = CLIPModel.from_pretrained(out).vision_model.state_dict()
     assert all(torch.equal(base[name], exported[name]) for name in base)  # bit for bit
