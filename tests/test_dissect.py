@@ -416,3 +416,17 @@ def test_units_are_read_in_eval_mode_and_the_mode_is_restored():
     first, _ = d.unit_tokens(model, pixels, processor, [1], "mlp")
     second, _ = d.unit_tokens(model, pixels, processor, [1], "mlp")
     assert model.training and torch.equal(first[1], second[1])
+
+
+def test_the_figure_shows_units_with_different_top_images():
+    """Units whose top images are the same set get near-equal scores from those images (only their order differs),
+    so the highest-scored units often share one set; the figure skips repeats to show each unit's own images."""
+    units = [
+        {"unit": 0, "concept": "fur", "similarity": 1.3, "labelled": True, "top_images": [4, 3, 7]},
+        {"unit": 1, "concept": "face", "similarity": 1.27, "labelled": True, "top_images": [4, 7, 3]},
+        {"unit": 2, "concept": "clock", "similarity": 0.9, "labelled": False, "top_images": [1, 2, 3]},
+        {"unit": 3, "concept": None, "similarity": None, "labelled": False, "top_images": [5, 6, 0]},
+        {"unit": 4, "concept": "sky", "similarity": 1.1, "labelled": True, "top_images": [0, 1, 2]},
+    ]
+    shown = d.figure_units({"units": units}, count=3, images=3)
+    assert [u["unit"] for u in shown] == [0, 4, 2]

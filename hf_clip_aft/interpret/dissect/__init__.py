@@ -111,7 +111,7 @@ from .similarity import (
     soft_wpmi,
     wpmi,
 )
-from .summary import dissection_summary
+from .summary import dissection_summary, summary_table
 
 __all__ = [
     "CONCEPT_TEMPLATE",
@@ -179,6 +179,7 @@ __all__ = [
     "resolve_layers",
     "run_dissection",
     "similarity_matrix",
+    "summary_table",
     "soft_wpmi",
     "summarize_tokens",
     "top_images_figure",

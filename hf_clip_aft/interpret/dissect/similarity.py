@@ -36,7 +36,7 @@ from .constants import (
 logger = logging.getLogger(__name__)
 
 # Memory bound of the soft-WPMI gather: units per chunk times top-k times concepts stays below this many floats.
-_GATHER_ELEMENTS = 1 << 25
+_GATHER_ELEMENTS = 1 << 23
 # A similarity within this share of the cap log U is saturated: float rounding no longer orders such units.
 _CAP_RTOL = 1e-6
 SimilarityFn = Callable[..., torch.Tensor]
@@ -78,10 +78,10 @@ def log_conditional(
     chunk = max(1, _GATHER_ELEMENTS // (top_k * probs.shape[1]))
     conditional = []
     for start in tqdm(range(0, num_units, chunk), desc="similarity", leave=False, disable=num_units <= chunk):
-        picked = probs[top[:, start : start + chunk]]  # (k, u, C)
+        picked = probs[top[:, start : start + chunk]]  # (k, u, C), a copy: changed in place below
         if weights is not None:
-            picked = 1 + weights.to(picked).view(-1, 1, 1) * (picked - 1)
-        conditional.append(torch.log(picked + MIN_PROB).sum(dim=0))
+            picked.sub_(1).mul_(weights.to(picked).view(-1, 1, 1)).add_(1)
+        conditional.append(picked.add_(MIN_PROB).log_().sum(dim=0))
     return torch.cat(conditional)
 
 

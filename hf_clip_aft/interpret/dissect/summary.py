@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from .constants import METHOD_CLIP_DISSECT
@@ -19,28 +20,46 @@ def _format(value: float) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.4g}"
 
 
-def dissection_summary(results: dict[str, Any]) -> str:
-    """A markdown report: per method and layer, one row per summary number, one column per model, and last − first
-    (Δ) when there are 2+ models; then each model's most frequent labels per layer."""
-    validate_dissection(results)
-    models, dataset, settings = (
-        results["models"],
-        results["dataset"],
-        results["settings"],
-    )
+def summary_table(results: dict[str, Any], keys: Sequence[str] | None = None) -> list[str]:
+    """Markdown lines of the summary numbers: one row per method, layer and number (`keys`, default every number but
+    ``num_units``), one column per model, and last − first (Δ) when there are 2+ models."""
+    models = results["models"]
     table: dict[tuple[str, int, str], dict[str, float]] = {}
-    frequent: dict[tuple[str, int, str], list[tuple[str, int]]] = {}
     for entry in results["layers"]:
         for key, value in entry["summary"].items():
-            if key == "num_units":
+            if key == "num_units" or (keys is not None and key not in keys):
                 continue
             for name, number in value.items() if isinstance(value, dict) else [(None, value)]:
                 label = key if name is None else f"{key} ({name})"
                 table.setdefault((entry["method"], entry["layer"], label), {})[entry["model"]] = number
+    delta = len(models) > 1
+    lines = [
+        "| method | layer | number | "
+        + " | ".join(f"`{model_label(m)}`" for m in models)
+        + (" | Δ |" if delta else " |"),
+        "|---|---|---|" + "---|" * (len(models) + delta),
+    ]
+    for (method, layer, label), values in table.items():
+        cells = [_format(values[m]) if m in values else "–" for m in models]
+        if delta and models[0] in values and models[-1] in values:
+            cells.append(f"{values[models[-1]] - values[models[0]]:+.4g}")
+        elif delta:
+            cells.append("–")
+        lines.append(f"| {method} | {layer} | {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def dissection_summary(results: dict[str, Any]) -> str:
+    """A markdown report: the summary numbers (:func:`summary_table`), then each model's most frequent labels per
+    layer."""
+    validate_dissection(results)
+    dataset, settings = results["dataset"], results["settings"]
+    frequent: dict[tuple[str, int, str], list[tuple[str, int]]] = {}
+    for entry in results["layers"]:
         flag = "labelled" if entry["method"] == METHOD_CLIP_DISSECT else "detector"
         counts = Counter(u["concept"] for u in entry["units"] if u[flag])
         frequent[entry["method"], entry["layer"], entry["model"]] = counts.most_common(5)
-    delta = len(models) > 1
+    shown = {key for entry in results["layers"] for key in entry["summary"]}
     lines = [
         f"# Network dissection on {dataset['name']} ({dataset['split']}), {dataset['num_images']} images",
         "",
@@ -57,20 +76,7 @@ def dissection_summary(results: dict[str, Any]) -> str:
             "replacement, their activations shuffled across images)."
         ),
         "",
-        "| method | layer | number | "
-        + " | ".join(f"`{model_label(m)}`" for m in models)
-        + (" | Δ |" if delta else " |"),
-        "|---|---|---|" + "---|" * (len(models) + delta),
-    ]
-    for (method, layer, label), values in table.items():
-        cells = [_format(values[m]) if m in values else "–" for m in models]
-        if delta and models[0] in values and models[-1] in values:
-            cells.append(f"{values[models[-1]] - values[models[0]]:+.4g}")
-        elif delta:
-            cells.append("–")
-        lines.append(f"| {method} | {layer} | {label} | " + " | ".join(cells) + " |")
-    shown = {label.split(" (")[0] for _, _, label in table}
-    lines += [
+        *summary_table(results),
         "",
         "Numbers: " + "; ".join(f"{k}: {v}" for k, v in SUMMARY_DESCRIPTIONS.items() if k in shown) + ".",
         "",
