@@ -4,7 +4,12 @@
         --probe_dataset frgfm/imagenette --split validation --limit 2000 --layers 8 10 11 --output dissect/
 
 writes dissect/results.json (schema hf_clip_aft.dissect/v1), dissect/summary.md (a base vs AFT table with Δ) and
-dissect/top_images.png (each model's best labelled units with their top images). Offline demo:
+dissect/top_images.png (each model's best labelled units with their top images). Network Dissection on Broden
+(a folder in its on-disk format: index.csv, category.csv, label.csv, c_*.csv, images/):
+
+    python recipes/dissect.py --models ... --probe_dataset broden1_224 --split all --mask_size 112
+
+Offline demo:
 
     python recipes/dissect.py recipes/configs/dissect.yaml
 """
