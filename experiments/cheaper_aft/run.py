@@ -177,6 +177,8 @@ def summarise(jobs: list[dict]) -> dict:
             cost = [run["forward_equivalents"] for run in per_seed]
             row = {"seeds": len(per_seed), "gain": _stat(gains), "forward_equivalents": _stat(cost)}
             row["gflop_per_image"] = _stat([c * job["forward_gflop"] for c, job in zip(cost, runs)])
+            # Wall-clock of the fine-tuning on a shared CPU: indicative only (the load varied).
+            row["finetune_seconds"] = _stat([job["seconds"][name] for job in runs if name in job["seconds"]])
             for metric in METRICS:
                 row[metric] = _stat([run["metrics"][metric] for run in per_seed])
             rows[name] = row
@@ -217,13 +219,13 @@ def table(summary: dict) -> str:
             f"### {world} (seeds {', '.join(map(str, entry['seeds']))})",
             "",
             "| variant | fwd-eq / image-step | share of K=10 | GFLOP / image-step | ΔEPG vs clean | EPG | accuracy | "
-            "robust accuracy | spread | target |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "robust accuracy | spread | target | fine-tune s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         base = entry["base"]
         lines.append(
             f"| base (not fine-tuned) | – | – | – | – | {_pm(base['energy_pointing_game'])} | {_pm(base['accuracy'])} "
-            f"| {_pm(base['robust_accuracy'])} | {_pm(base['embedding_spread'])} | – |"
+            f"| {_pm(base['robust_accuracy'])} | {_pm(base['embedding_spread'])} | – | – |"
         )
         for name, row in entry["variants"].items():
             share = row.get("cost_share_of_pgd10")
@@ -232,7 +234,8 @@ def table(summary: dict) -> str:
                 f"| {name} | {_pm(row['forward_equivalents'], 2)} | {share} | {_pm(row['gflop_per_image'], 4)} "
                 f"| {_pm(row['gain'])} | {_pm(row['energy_pointing_game'])} | {_pm(row['accuracy'])} "
                 f"| {_pm(row['robust_accuracy'])} | {_pm(row['embedding_spread'])} "
-                f"| {'–' if row.get('meets_target') is None else 'yes' if row['meets_target'] else 'no'} |"
+                f"| {'–' if row.get('meets_target') is None else 'yes' if row['meets_target'] else 'no'} "
+                f"| {row['finetune_seconds']['mean']:.0f} |"
             )
         lines.append("")
     return "\n".join(lines)
