@@ -197,40 +197,41 @@ def cos_cubed_scores(activations: torch.Tensor, image_concept: torch.Tensor) -> 
     return LayerScores(score(activations)[0], None, None, score)
 
 
-def _in_place(scores: LayerScores, reference: tuple[torch.Tensor, torch.Tensor] | None, units: torch.Tensor):
-    return scores.similarity if reference is None else scores.swapped(units, reference[1])[0]
+def _similarity(
+    scorer: Callable[..., LayerScores],
+    activations: torch.Tensor,
+    image_concept: torch.Tensor,
+    reference: tuple[torch.Tensor, torch.Tensor] | None,
+    options: dict,
+) -> torch.Tensor:
+    layer = activations if reference is None else reference[0]
+    scores = scorer(layer, image_concept, **options)
+    return scores.similarity if reference is None else scores.swapped(activations, reference[1])[0]
 
 
 def soft_wpmi(
     activations: torch.Tensor,
     image_concept: torch.Tensor,
-    top_k: int = SOFT_WPMI_TOP_K,
-    temperature: float = SOFT_WPMI_TEMPERATURE,
-    lam: float = SOFT_WPMI_LAMBDA,
-    p_start: float = SOFT_WPMI_P_START,
-    p_end: float = SOFT_WPMI_P_END,
     reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **options: float,
 ) -> torch.Tensor:
     """CLIP-Dissect's soft-WPMI ``(U, C)`` of unit activations ``(N, U)`` and image–concept cosines P ``(N, C)``
     (formula in the package docstring; nats, higher = the concept better describes the unit's top images).
-    `reference`: ``(layer activations (N, U'), replaces (U,))`` to score each unit in place of a layer unit (the
-    permutation null); default: `activations` are the layer, as published."""
-    layer = activations if reference is None else reference[0]
-    scores = soft_wpmi_scores(layer, image_concept, top_k, temperature, lam, p_start, p_end)
-    return _in_place(scores, reference, activations)
+    `options`: :func:`soft_wpmi_scores`'s (``top_k``, ``temperature``, ``lam``, ``p_start``, ``p_end``; default the
+    published). `reference`: ``(layer activations (N, U'), replaces (U,))`` to score each unit in place of a layer
+    unit (the permutation null); default: `activations` are the layer, as published."""
+    return _similarity(soft_wpmi_scores, activations, image_concept, reference, options)
 
 
 def wpmi(
     activations: torch.Tensor,
     image_concept: torch.Tensor,
-    top_k: int = WPMI_TOP_K,
-    temperature: float = WPMI_TEMPERATURE,
-    lam: float = WPMI_LAMBDA,
     reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **options: float,
 ) -> torch.Tensor:
-    """CLIP-Dissect's hard WPMI ``(U, C)``: soft-WPMI with every top-k image certainly in the example set (nats)."""
-    layer = activations if reference is None else reference[0]
-    return _in_place(wpmi_scores(layer, image_concept, top_k, temperature, lam), reference, activations)
+    """CLIP-Dissect's hard WPMI ``(U, C)``: soft-WPMI with every top-k image certainly in the example set (nats);
+    `options`: :func:`wpmi_scores`'s (``top_k``, ``temperature``, ``lam``)."""
+    return _similarity(wpmi_scores, activations, image_concept, reference, options)
 
 
 def cos_similarity_cubed(
