@@ -47,6 +47,16 @@ FAMILY_COLUMNS = {"gradient": ("simple_gradient",), "training-free": ("clip_surg
 FAMILY_TABLE_METRICS = ("energy_pointing_game", "pointing_game", "top_k_iou", "insertion_auc", "deletion_auc", "gini")
 
 
+# Why an AUC can be negative: it is the plain area, not a difference from a baseline.
+FAITHFULNESS_NOTE = (
+    "deletion_auc / insertion_auc: the plain area under the curve of the cosine similarity between the image and its "
+    "class prompt as the map's top pixels are deleted (set to black) / inserted (into a blurred copy), over 0 to 100% "
+    "of the pixels; no baseline is subtracted, so the area is the curve's mean height, in [-1, 1]. It is negative "
+    "when the model's image embeddings point away from their class prompts (random or barely trained weights do); "
+    "compare models by the difference, and look at insertion minus deletion within a model."
+)
+
+
 def _require(condition: bool, where: str, message: str) -> None:
     if not condition:
         raise ValueError(f"Invalid {SCHEMA} results at {where}: {message}")
@@ -210,6 +220,9 @@ def summary_markdown(results: dict[str, Any]) -> str:
             cells.append("–" if first is None or last is None else f"{last - first:+.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines += _family_table(results)
+    metrics_run = {entry["metric"] for entry in results["results"]}
+    if metrics_run & {"deletion_auc", "insertion_auc"}:
+        lines += ["", FAITHFULNESS_NOTE]
     notes = results["settings"].get("notes", [])
     if notes:
         lines += ["", "Notes:", *(f"- {note}" for note in notes)]

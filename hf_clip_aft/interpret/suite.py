@@ -27,7 +27,7 @@ from ..modeling import EmbedFn, embed_fn
 # the arguments' help and choices list them whichever module was imported first.
 from . import scorers as _scorers  # noqa: F401
 from . import surgery as _surgery  # noqa: F401
-from .batches import Batch, EvaluationData, iterate_batches, load_evaluation_data
+from .batches import Batch, EvaluationData, iterate_batches, load_evaluation_data, localisation_masks
 from .figures import saliency_grid
 from .registry import MAP_METHODS, SCORERS, BatchContext, RunContext, Score, Scorer, metric_groups, result_entry
 from .results import results_document, save_results, save_summary
@@ -220,11 +220,15 @@ def load_clip(name_or_path: str, device: str | torch.device) -> LoadedModel:
 
 @dataclass
 class FigureData:
-    """What the saliency grid shows: the first images (as the first model sees them), their class names, the maps."""
+    """What the saliency grid shows: the first images (as the first model sees them), their row titles (the class
+    explained), their object masks (when the dataset has them), the maps, and, when each model explains its own
+    prediction, the class each model's maps explain."""
 
     pixels: list[torch.Tensor] = field(default_factory=list)
     titles: list[str] = field(default_factory=list)
+    masks: list[torch.Tensor] = field(default_factory=list)
     maps: dict[tuple[str, str], list[torch.Tensor]] = field(default_factory=lambda: defaultdict(list))
+    explained: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
     def __len__(self) -> int:
         return sum(len(p) for p in self.pixels)
@@ -314,20 +318,43 @@ class _Evaluation:
         self.averages = _Averages()
         self.figure = FigureData()
 
-    def batch(self, index: int, batch: Batch, models: list[LoadedModel], class_embeds, device) -> None:
+    def batch(self, index: int, batch: Batch, models: list[LoadedModel], class_embeds, device, progress: tqdm) -> None:
+        """Score `batch` with every model; `progress` (in images) advances after each model's scores and each of its
+        methods' maps, by that step's share of the batch's images."""
         need = max(self.args.grid_images - len(self.figure), 0) if self.run.methods else 0
+        start, steps, done = progress.n, len(models) * (1 + len(self.run.methods)), 0
+
+        def step() -> None:  # exact at the batch's end, whatever the rounding of the shares before
+            nonlocal done
+            done += 1
+            progress.update(start + len(batch.labels) * done / steps - progress.n)
+
         for position, model in enumerate(models):
             torch.manual_seed(self.args.seed + index)  # the same noise and attack starts for every model
+            progress.set_postfix_str(os.path.basename(os.path.normpath(model.name)), refresh=False)
             context = _batch_context(index, batch, model, class_embeds[model.name], self.args, device)
             self.score(context, self.image_scorers)
+            step()
             if position == 0 and need:
                 self.figure.pixels.append(context.pixels[:need].cpu())
-                self.figure.titles += [self.run.class_names[int(t)] for t in batch.labels[:need]]
+                self.figure.titles += [self.row_title(int(t)) for t in batch.labels[:need]]
+                if batch.masks is not None:
+                    objects, _ = localisation_masks(batch.masks[:need], context.image_processor)
+                    self.figure.masks.append(objects)
+            if need and self.args.target == "prediction":
+                self.figure.explained[model.name] += [self.run.class_names[int(p)] for p in context.predictions[:need]]
             for method in self.run.methods:
+                progress.set_postfix_str(f"{os.path.basename(os.path.normpath(model.name))}, {method}", refresh=False)
                 context.method, context.maps = method, self.maps(context, method)
                 if need:
                     self.figure.maps[method, model.name].append(context.maps[:need].cpu())
                 self.score(context, self.map_scorers)
+                step()
+
+    def row_title(self, label: int) -> str:
+        """The grid row's title: the class whose prompt the maps explain (the label, or each model's prediction)."""
+        name = self.run.class_names[label]
+        return f"explains: {name}" if self.args.target == "label" else f"label: {name}; maps explain the prediction"
 
     @staticmethod
     def maps(context: BatchContext, method: str) -> torch.Tensor:
@@ -369,9 +396,15 @@ def run_evaluation(
     run = RunContext(args, methods, data.class_names, data.mask_column, tuple(templates), args.seed)
     scorers = [SCORERS[group](run) for group in groups]
     evaluation = _Evaluation(args, run, scorers)
-    num_batches = -(-len(data.dataset) // args.batch_size)
-    for index, batch in enumerate(tqdm(iterate_batches(data, args.batch_size), total=num_batches, desc="evaluate")):
-        evaluation.batch(index, batch, models, class_embeds, device)
+    # Counted in images, advanced step by step within a batch (a CPU batch of gradient maps can take minutes).
+    progress = tqdm(
+        total=len(data.dataset),
+        desc="evaluate",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} images [{elapsed}<{remaining}{postfix}]",
+    )
+    with progress:
+        for index, batch in enumerate(iterate_batches(data, args.batch_size)):
+            evaluation.batch(index, batch, models, class_embeds, device, progress)
     results = evaluation.averages.results() + [entry for scorer in scorers for entry in scorer.results()]
     return _document(args, data, models, run, scorers, device, results), evaluation.figure
 
@@ -415,6 +448,8 @@ def write_outputs(results: dict[str, Any], figure: FigureData, output: str, meth
             methods,
             os.path.join(output, "saliency_grid.png"),
             titles=figure.titles,
+            masks=torch.cat(figure.masks) if figure.masks else None,
+            tile_captions=dict(figure.explained) or None,
         )
     logger.info("Wrote the evaluation to %s", output)
 
