@@ -9,6 +9,8 @@ import os
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before Gradio is imported: no calls home
 
+import contextlib
+import io
 import shutil
 import socket
 from pathlib import Path
@@ -24,6 +26,7 @@ from hf_clip_aft.cli import run_command
 from hf_clip_aft.interpret import MAP_METHODS, MapMethod
 from hf_clip_aft.interpret.figures import colorize
 from hf_clip_aft.release import space
+from hf_clip_aft.release.record import TrainingRecord
 
 gradio_client = pytest.importorskip("gradio_client")
 CAT = str(Path(PHOTOS) / "cat" / "cat.jpg")
@@ -156,11 +159,38 @@ def test_figure_layout_and_opacity(loaded):
     clear = app.comparison_figure(result, opacity=0.0)
     size, label, bar = 64, 32, 64
     header = clear.height - 2 * size
-    assert clear.width == label + 2 * size + bar and header > 0
+    assert clear.width == label + 3 * size + bar and header > 0  # base, AFT, then the difference column
     tile = torch.tensor(list(clear.crop((label + size, header, label + 2 * size, header + size)).getdata()))
     expected = (result.image.permute(1, 2, 0).reshape(-1, 3) * 255).round()
     assert (tile.float() - expected).abs().max() <= 1  # opacity 0: the image itself, in every model's column
     assert app.comparison_figure(result, opacity=1.0).tobytes() != clear.tobytes()
+
+
+def test_difference_view_is_last_minus_first_on_a_symmetric_scale(loaded):
+    colours = app.difference_colours(torch.tensor([[-2.0, -1.0, 0.0, 1.0, 3.0]]), bound=1.0)[:, 0]
+    blue, white, red = torch.tensor([30, 90, 200]) / 255, torch.ones(3), torch.tensor([200, 30, 0]) / 255
+    for index, colour in [(0, blue), (1, blue), (2, white), (3, red), (4, red)]:  # clipped at ±bound
+        assert torch.allclose(colours[:, index], colour), index
+    result = app.compare(Image.open(CAT), loaded, ["cat", "dog"], ["gradcam"], size=64)
+    same = app.Comparison(result.image, result.methods, [result.results[0], result.results[0]])
+    figure = app.comparison_figure(same, opacity=1.0)  # a model against itself: a white difference
+    header = figure.height - 64
+    difference = torch.tensor(list(figure.crop((32 + 2 * 64, header + 30, 32 + 3 * 64, header + 64)).getdata()))
+    assert (difference == 255).all()
+
+
+def test_random_demo_weights_are_recognised(models, tmp_path):
+    assert "random weights" in app.demo_weights_note(TINY_CLIP)
+    assert app.demo_weights_note(models["aft"]) is None  # a copy without a training record: not known to be a demo
+    assert app.demo_weights_note("openai/clip-vit-base-patch16") is None
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    TrainingRecord(base_model="tiny-clip", base_model_on_hub=False).save(demo)  # what the train demo writes
+    assert "offline demo" in app.demo_weights_note(str(demo))
+    TrainingRecord(base_model="openai/clip-vit-base-patch16", base_model_on_hub=True).save(demo)
+    assert app.demo_weights_note(str(demo)) is None
+    (demo / "training_record.json").write_text("{")  # unreadable: no claim either way
+    assert app.demo_weights_note(str(demo)) is None
 
 
 # --- the Space folder ------------------------------------------------------------------------------------------------
@@ -214,14 +244,22 @@ def free_port() -> int:
 def server(models):
     """The app command, as a user starts it, on a free loopback port; always closed."""
     argv = ["--models", models["base"], models["aft"], models["bert"], "--methods", *FAST_METHODS]
-    demo = run_command("app", [*argv, "--host", "127.0.0.1", "--port", str(free_port()), "--block", "false"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        demo = run_command("app", [*argv, "--host", "127.0.0.1", "--port", str(free_port()), "--block", "false"])
+    demo.startup_output = printed.getvalue()
     try:
         yield demo
     finally:
         demo.close()
 
 
-def test_client_predicts_end_to_end_and_gets_messages(server):
+def test_startup_names_the_address_without_gradios_share_hint(server):
+    assert server.startup_output == f"The comparison page runs at {server.local_url}\n"
+    assert "share=True" not in server.startup_output
+
+
+def test_client_predicts_end_to_end_and_gets_messages(server, capfd):
     client = gradio_client.Client(server.local_url, verbose=False)
     top = "each model's top class"
     base, aft, figure = client.predict(
@@ -242,6 +280,7 @@ def test_client_predicts_end_to_end_and_gets_messages(server):
     ]:
         with pytest.raises(gradio_client.exceptions.AppError, match=message):
             client.predict(*inputs, "ensemble", FAST_METHODS, top, 0.5, api_name="/compare")
+    assert "Traceback" not in capfd.readouterr().err  # the user's mistakes are messages on the page, not stack traces
 
 
 def test_browser_loads_the_page_and_shows_the_maps(server, tmp_path):
@@ -273,6 +312,8 @@ def test_browser_loads_the_page_and_shows_the_maps(server, tmp_path):
             page.wait_for_function("document.querySelector('#figure img').naturalWidth > 0", timeout=10_000)
             assert figure.evaluate("img => img.naturalWidth") > 2 * 224
             assert page.get_by_text("tiny-clip-aft: zero-shot probabilities").count() == 1
+            banner = page.locator("#demo-weights").inner_text()
+            assert "Demo weights" in banner and "tiny-clip: the shipped tiny-clip test model" in banner
             page.screenshot(path=tmp_path / "app.png", full_page=True)
         finally:
             browser.close()

@@ -29,8 +29,10 @@ from ..interpret.figures import colorize
 from ..interpret.saliency import upsample
 from ..interpret.suite import LoadedModel
 from ..interpret.surgery import empty_prompt_embedding
+from ..release.record import TrainingRecord
 
 PHOTOS_DIR = Path(__file__).resolve().parents[1] / "assets" / "photos"
+TINY_CLIP_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-clip"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # Prompt styles: class names filled into the 7-template ensemble of the evaluation, or used as typed.
 PROMPT_STYLES: dict[str, tuple[str, ...]] = {"ensemble": PROMPT_TEMPLATES, "as typed": ("{}",)}
@@ -85,6 +87,23 @@ def check_clip(name: str) -> None:
             f"{name!r} is a {model_type!r} model, not a CLIP one; give CLIPModel folders or Hub ids (e.g. "
             "openai/clip-vit-base-patch16 and its AFT version)."
         )
+
+
+def demo_weights_note(name: str) -> str | None:
+    """Why the model `name` has random (demo) weights, or None: the shipped ``hf_clip_aft/assets/tiny-clip`` (random
+    weights), or a folder whose ``training_record.json`` says it was fine-tuned from it (the offline demo). Its maps
+    and probabilities show that the page runs, nothing about CLIP or AFT."""
+    if not os.path.isdir(name):
+        return None
+    if os.path.samefile(name, TINY_CLIP_DIR):
+        return "the shipped tiny-clip test model: random weights"
+    try:
+        record = TrainingRecord.load(name)
+    except (OSError, ValueError, KeyError, TypeError):  # an unreadable record says nothing either way
+        return None
+    if record is not None and record.base_model == TINY_CLIP_DIR.name and not record.base_model_on_hub:
+        return "fine-tuned from the random tiny-clip (the offline demo)"
+    return None
 
 
 def load_models(names: Sequence[str], device: str | torch.device) -> tuple[list[LoadedModel], dict[str, str]]:
@@ -245,20 +264,37 @@ def overlay(image: torch.Tensor, relative: torch.Tensor, top: float, opacity: fl
     return (1 - opacity) * image + opacity * heat_colours(relative / top)
 
 
+# The difference view's diverging ramp: base higher (blue), equal (white), last model higher (red).
+_DIVERGING = torch.tensor([[30, 90, 200], [255, 255, 255], [200, 30, 0]], dtype=torch.float32) / 255
+
+
+def difference_colours(difference: torch.Tensor, bound: float) -> torch.Tensor:
+    """RGB ``(3, H, W)`` of a difference map ``(H, W)`` on the symmetric scale ``[-bound, bound]``: blue below 0,
+    white at 0, red above (clipped at the bound)."""
+    position = (difference / bound).clamp(-1, 1) + 1  # in [0, 2]
+    low = position.floor().long().clamp(max=1)
+    weight = (position - low).unsqueeze(-1)
+    return (_DIVERGING[low] * (1 - weight) + _DIVERGING[low + 1] * weight).permute(2, 0, 1)
+
+
 def _to_pil(rgb: torch.Tensor) -> Image.Image:
     return Image.fromarray((rgb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
 
 
 def comparison_figure(comparison: Comparison, opacity: float = 0.6) -> Image.Image:
     """The side-by-side figure: a column per model (headed by its name and top class), a row per map method, and
-    at the right of each row its colour bar (0 to the shared top, in multiples of the image's mean saliency)."""
+    at the right of each row its colour bar (0 to the shared top, in multiples of the image's mean saliency). With
+    two or more models a last column shows the difference, last model − first (e.g. AFT − base), of the same relative
+    maps: red where the last model's map is higher, blue where the first's is, on a symmetric scale (±, written on
+    the tile) set by the largest 99th percentile of the absolute difference."""
     size = comparison.image.shape[-1]
     font = ImageFont.load_default(size=max(11, size // 16))
     line = font.size + 4
     label_width, bar_width = size // 2, max(64, size // 3)
     header = 3 * line + 6
     models = comparison.results
-    width = label_width + len(models) * size + bar_width
+    columns = len(models) + (len(models) > 1)
+    width = label_width + columns * size + bar_width
     canvas = Image.new("RGB", (width, header + len(comparison.methods) * size), "white")
     draw = ImageDraw.Draw(canvas)
     for j, result in enumerate(models):
@@ -267,7 +303,12 @@ def comparison_figure(comparison: Comparison, opacity: float = 0.6) -> Image.Ima
         best, p = next(iter(result.probabilities.items()))
         draw.text((x, 3 + line), f"top: {best} ({p:.0%})", fill="dimgray", font=font)
         draw.text((x, 3 + 2 * line), f"maps explain: {result.target}", fill="dimgray", font=font)
-    bar_x = label_width + len(models) * size + 6
+    if len(models) > 1:
+        x = label_width + len(models) * size + 4
+        draw.text((x, 3), "difference", fill="black", font=font)
+        draw.text((x, 3 + line), f"{model_label(models[-1].name)} −", fill="dimgray", font=font)
+        draw.text((x, 3 + 2 * line), model_label(models[0].name), fill="dimgray", font=font)
+    bar_x = label_width + columns * size + 6
     draw.multiline_text((bar_x, 3), "saliency /\nimage\nmean", fill="dimgray", font=font)
     for i, method in enumerate(comparison.methods):
         y = header + i * size
@@ -276,6 +317,13 @@ def comparison_figure(comparison: Comparison, opacity: float = 0.6) -> Image.Ima
         for j, result in enumerate(models):
             tile = overlay(comparison.image, result.maps[method], top, opacity)
             canvas.paste(_to_pil(tile), (label_width + j * size, y))
+        if len(models) > 1:
+            difference = models[-1].maps[method] - models[0].maps[method]
+            bound = torch.quantile(difference.abs().flatten(), SCALE_QUANTILE).item() or 1.0
+            tile = (1 - opacity) * comparison.image + opacity * difference_colours(difference, bound)
+            x = label_width + len(models) * size
+            canvas.paste(_to_pil(tile), (x, y))
+            draw.text((x + 4, y + 4), f"±{bound:.3g}", fill="black", font=font, stroke_width=2, stroke_fill="white")
         # The colour bar: top value at the top, 0 at the bottom.
         bar = heat_colours(torch.linspace(1, 0, size - 2 * line)[:, None].expand(-1, 16))
         canvas.paste(_to_pil(bar), (bar_x, y + line))

@@ -2,7 +2,8 @@
 
 The page only wires inputs to :mod:`hf_clip_aft.app.comparison`; models are loaded once, before the page starts, and
 every request reuses them. Bad input (no image, an unreadable file, no prompts, no method) comes back as a message on
-the page (`gr.Error`), and models that failed to load are named at the top of the page.
+the page (`gr.Error`, without a traceback in the terminal), models that failed to load are named at the top of the
+page, and so are models with random (demo) weights, whose maps mean nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .comparison import (
     compare,
     comparison_figure,
     default_methods,
+    demo_weights_note,
     example_images,
     load_models,
     model_label,
@@ -92,8 +94,8 @@ def build_app(
                 target=None if target in (None, "", TOP_CLASS) else target,
                 prompt_style=style,
             )
-        except ValueError as err:
-            raise gr.Error(str(err)) from err
+        except ValueError as err:  # the user's input: a message on the page, no traceback in the terminal
+            raise gr.Error(str(err), print_exception=False) from err
         return *[r.probabilities for r in result.results], comparison_figure(result, opacity), result
 
     def redraw(result: Comparison | None, opacity: float) -> Image.Image | None:
@@ -105,6 +107,14 @@ def build_app(
         if problems:
             lines = "\n".join(f"- `{name}`: {why}" for name, why in problems.items())
             gr.Markdown(f"**Not loaded, so not compared:**\n{lines}", elem_id="problems")
+        demo_models = {m.name: note for m in models if (note := demo_weights_note(m.name))}
+        if demo_models:
+            lines = "\n".join(f"- `{model_label(name)}`: {note}" for name, note in demo_models.items())
+            gr.Markdown(
+                "**Demo weights: these maps and probabilities only show that the page works; they say nothing about "
+                f"CLIP or AFT.**\n{lines}",
+                elem_id="demo-weights",
+            )
         state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
@@ -195,5 +205,9 @@ def serve(
         raise ValueError(f"None of the models loaded ({reasons}). Give CLIPModel folders or Hub ids.")
     demo = build_app(loaded, problems, methods=methods, title=title)
     demo.queue()
-    demo.launch(server_name=host, server_port=port, show_error=True, prevent_thread_lock=not block)
+    # quiet: Gradio's start-up lines end with a hint to set share=True (a public link); this page never makes one.
+    demo.launch(server_name=host, server_port=port, share=False, show_error=True, quiet=True, prevent_thread_lock=True)
+    print(f"The comparison page runs at {demo.local_url}" + (" (Ctrl-C stops it)" if block else ""), flush=True)
+    if block:
+        demo.block_thread()
     return demo
