@@ -96,6 +96,8 @@ def variant_run(name: str, spec: FinetuneSpec) -> tuple[str, FinetuneSpec, dict[
     """(laptop_scale variant, its FinetuneSpec, AFTConfig overrides) of one of :data:`VARIANTS`."""
     if name in ("clean", "random"):
         return name, spec, {}
+    if name == "pgd1_half_eps":  # carry1 without the carrying: the same step from a random start at every visit
+        return "aft", dataclasses.replace(spec, attack_steps=1), {"attack_step_size": spec.eps / 2}
     if name.startswith("pgd"):
         steps = int(name[3:].split("_")[0])
         return "aft", dataclasses.replace(spec, attack_steps=steps), {"attack_early_stop": name.endswith("early_stop")}
@@ -103,8 +105,6 @@ def variant_run(name: str, spec: FinetuneSpec) -> tuple[str, FinetuneSpec, dict[
         return "aft", spec, {"attack_schedule": "fgsm_rs"}
     if name == "free4":
         return "aft", spec, {"attack_schedule": "free", "attack_replays": 4}
-    if name == "pgd1_half_eps":  # carry1 without the carrying: the same step from a random start at every visit
-        return "aft", dataclasses.replace(spec, attack_steps=1), {"attack_step_size": spec.eps / 2}
     if name == "carry1":  # ATTA-1 (data-config/cifar-atta-1-mat.json): one step of ε/2
         return (
             "aft",
@@ -141,6 +141,7 @@ def run_job(world: str, config: ExperimentConfig, seed: int, variants: tuple[str
         )
         return {name: metrics[name] for name in METRICS}
 
+    path = os.path.join(output, f"{world}-seed{seed}.json")
     job = {
         "world": world,
         "seed": seed,
@@ -148,6 +149,11 @@ def run_job(world: str, config: ExperimentConfig, seed: int, variants: tuple[str
         "base": evaluate(data.base),
         "variants": {},
     }
+    if os.path.exists(path):  # variants run earlier on the same world and seed are kept (and replaced if rerun)
+        earlier = json.loads(Path(path).read_text())
+        if earlier["config"] == json.loads(json.dumps(config.to_dict())):  # tuples come back as lists
+            job["variants"] = {name: row for name, row in earlier["variants"].items() if name not in variants}
+            seconds.update({name: earlier["seconds"][name] for name in job["variants"] if name in earlier["seconds"]})
     for name in variants:
         variant, spec, overrides = variant_run(name, config.finetune)
         start = time.perf_counter()
@@ -165,7 +171,7 @@ def run_job(world: str, config: ExperimentConfig, seed: int, variants: tuple[str
     seconds["total"] = time.perf_counter() - clock
     job["seconds"] = seconds
     job["config"] = config.to_dict()
-    write_json_atomic(os.path.join(output, f"{world}-seed{seed}.json"), job)
+    write_json_atomic(path, job)
     return job
 
 
