@@ -131,7 +131,7 @@ def saliency_grid(
     for name, values in {"titles": titles, "masks": masks, **captions}.items():
         if values is not None and len(values) != rows:
             raise ValueError(f"{name} has {len(values)} entries for {rows} images; give one per image.")
-    font = ImageFont.load_default(size=max(10, cell // 9))
+    font = ImageFont.load_default(size=max(11, cell // 8))
     line = font.size + 3
     columns = [(method, model) for method in methods for model in models]
     width = (1 + len(columns)) * cell

@@ -107,7 +107,14 @@ def _rollout(model: nn.Module, pixels: Tensor, text: Tensor, *, image_processor,
 
 # name, label, family, needs, function, description
 _BUILT_IN = (
-    ("simple_gradient", "SG", "gradient", "gradients", _simple_gradient, "|d sim / d x| (Simonyan et al., 2014)"),
+    (
+        "simple_gradient",
+        "Simple Gradient",
+        "gradient",
+        "gradients",
+        _simple_gradient,
+        "|d sim / d x| (Simonyan et al., 2014)",
+    ),
     (
         "smoothgrad",
         "SmoothGrad",
@@ -118,14 +125,14 @@ _BUILT_IN = (
     ),
     (
         "integrated_gradients",
-        "IG",
+        "Integrated Gradients",
         "gradient",
         "gradients",
         _integrated_gradients,
         "IG from black (Sundararajan, 2017)",
     ),
     ("gradcam", "Grad-CAM", "gradient", "gradients", _gradcam, "Grad-CAM on ViT patch tokens (Selvaraju et al., 2017)"),
-    ("attention", "CLS attn", "attention", "attentions", _cls_attention, "last block's CLS attention, head mean"),
+    ("attention", "CLS attention", "attention", "attentions", _cls_attention, "last block's CLS attention, head mean"),
     ("rollout", "Rollout", "attention", "attentions", _rollout, "attention rollout (Abnar & Zuidema, 2020)"),
 )
 for _name, _label, _family, _needs, _fn, _description in _BUILT_IN:
