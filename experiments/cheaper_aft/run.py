@@ -285,14 +285,20 @@ def frontier_figure(summary: dict, path: str) -> None:
             if name in pgd:
                 continue
             axis.errorbar(
-                row["forward_equivalents"]["mean"], row["gain"]["mean"], yerr=row["gain"]["std"], marker="s", capsize=3
+                row["forward_equivalents"]["mean"],
+                row["gain"]["mean"],
+                yerr=row["gain"]["std"],
+                marker="s",
+                capsize=3,
+                color=plt.cm.tab20(VARIANTS.index(name)),  # the same colour for a variant in every panel
             )
             axis.annotate(name, (row["forward_equivalents"]["mean"], row["gain"]["mean"]), fontsize=8)
         reference = rows.get(REFERENCE_VARIANT)
         if reference is not None:
-            axis.axvline(TARGET_SHARE * reference["forward_equivalents"]["mean"], color="grey", linestyle=":")
+            share = TARGET_SHARE * reference["forward_equivalents"]["mean"]
+            axis.axvline(share, color="grey", linestyle=":", label="1/3 of K = 10's cost")
             low = reference["gain"]["mean"] - reference["gain"]["std"]
-            axis.axhline(low, color="grey", linestyle="--", linewidth=0.8)
+            axis.axhline(low, color="grey", linestyle="--", linewidth=0.8, label="K = 10's gain − 1 std")
         axis.set_xlabel("forward-equivalents per image per optimiser step")
         axis.set_ylabel("energy pointing game gain over the clean control")
         axis.set_title(f"{world} ({len(summary[world]['seeds'])} seeds)")
