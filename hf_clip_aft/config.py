@@ -61,6 +61,8 @@ OFFICIAL_SETTINGS = {
     "dataloader_drop_last": True,
     "preset": "official",
 }
+# The official code always runs K PGD steps from a random start: any other schedule differs from it too.
+OFFICIAL_ATTACK_SCHEDULE = {"attack_schedule": "pgd", "attack_early_stop": False}
 
 
 @dataclass
@@ -365,7 +367,10 @@ class AFTConfig(TrainingArguments):
                 logger.warning(
                     "preset='official', but these settings differ from the official code's (official value in "
                     "brackets): %s. See docs/official_parity.md.",
-                    ", ".join(f"{name}={value!r} [{OFFICIAL_SETTINGS[name]!r}]" for name, value in differing.items()),
+                    ", ".join(
+                        f"{name}={value!r} [{({**OFFICIAL_SETTINGS, **OFFICIAL_ATTACK_SCHEDULE})[name]!r}]"
+                        for name, value in differing.items()
+                    ),
                 )
 
     def resume_target(self) -> str | bool | None:
@@ -373,10 +378,12 @@ class AFTConfig(TrainingArguments):
         return True if str(self.resume_from_checkpoint).lower() == "true" else self.resume_from_checkpoint
 
     def official_differences(self) -> dict[str, object]:
-        """The settings of this run that differ from :data:`OFFICIAL_SETTINGS`, with this run's values."""
-        values = {name: getattr(self, name) for name in OFFICIAL_SETTINGS}
+        """The settings of this run that differ from :data:`OFFICIAL_SETTINGS` (and from the official attack
+        schedule, plain PGD), with this run's values."""
+        official = {**OFFICIAL_SETTINGS, **OFFICIAL_ATTACK_SCHEDULE}
+        values = {name: getattr(self, name) for name in official}
         values = {name: getattr(value, "value", value) for name, value in values.items()}  # enums by their names
-        return {name: value for name, value in values.items() if value != OFFICIAL_SETTINGS[name]}
+        return {name: value for name, value in values.items() if value != official[name]}
 
     def resolve_group_size(self, patch_size: int, image_size: int) -> None:
         """For ``attack_norm="group"``: fill in ``attack_group_size`` (None → `patch_size`, in pixels) and check

@@ -446,3 +446,14 @@ def test_record_and_card_name_the_schedule(tmp_path, overrides, sentence, row):
     text = str(render_card(record))
     assert sentence in text
     assert (row in text) if row else ("Attack schedule" not in text)
+
+
+def test_official_preset_names_a_cheaper_schedule_as_a_difference():
+    from hf_clip_aft.config import OFFICIAL_SETTINGS
+
+    preset = dict(OFFICIAL_SETTINGS)
+    assert AFTConfig(output_dir="unused", **preset).official_differences() == {}
+    cheaper = AFTConfig(output_dir="unused", **preset, attack_schedule="fgsm_rs")
+    assert cheaper.official_differences() == {"attack_schedule": "fgsm_rs"}
+    stopped = AFTConfig(output_dir="unused", **preset, attack_early_stop=True)
+    assert stopped.official_differences() == {"attack_early_stop": True}
