@@ -305,9 +305,10 @@ def comparison_figure(comparison: Comparison, opacity: float = 0.6) -> Image.Ima
         draw.text((x, 3 + 2 * line), f"maps explain: {result.target}", fill="dimgray", font=font)
     if len(models) > 1:
         x = label_width + len(models) * size + 4
-        draw.text((x, 3), "difference", fill="black", font=font)
-        draw.text((x, 3 + line), f"{model_label(models[-1].name)} −", fill="dimgray", font=font)
-        draw.text((x, 3 + 2 * line), model_label(models[0].name), fill="dimgray", font=font)
+        last, first = model_label(models[-1].name), model_label(models[0].name)
+        draw.text((x, 3), f"{last} minus {first}", fill="black", font=font)
+        draw.text((x, 3 + line), f"red: {last} higher", fill=(200, 30, 0), font=font)
+        draw.text((x, 3 + 2 * line), f"blue: {first} higher", fill=(30, 90, 200), font=font)
     bar_x = label_width + columns * size + 6
     draw.multiline_text((bar_x, 3), "saliency /\nimage\nmean", fill="dimgray", font=font)
     for i, method in enumerate(comparison.methods):
