@@ -181,3 +181,24 @@ def test_demo_recipe_trains_without_loading_deepspeed(tmp_path):
     assert f'CLIPModel.from_pretrained("{out}")' in done.stdout
     assert "Setting accelerator" not in done.stderr + done.stdout
     CLIPModel.from_pretrained(out)
+
+
+def test_evaluate_progress_advances_within_a_batch(aft_stand_in, monkeypatch, tmp_path):
+    # One batch of 2 images, 2 models × (scores + 1 method) = 4 steps: the bar, in images, advances at every step.
+    from tqdm.auto import tqdm
+
+    from hf_clip_aft.interpret import suite
+
+    counts = []
+
+    class Recorded(tqdm):
+        def update(self, n=1):
+            super().update(n)
+            counts.append((self.n, self.total, self.postfix))
+
+    monkeypatch.setattr(suite, "tqdm", Recorded)
+    argv = ["--models", TINY_CLIP, aft_stand_in, "--dataset", PHOTOS, "--split", "train", "--limit", "2"]
+    argv += ["--batch_size", "2", "--metrics", "sparsity", "--methods", "simple_gradient", "--output", str(tmp_path)]
+    run_command("evaluate", argv)
+    assert [(n, total) for n, total, _ in counts] == [(0.5, 2), (1.0, 2), (1.5, 2), (2.0, 2)]
+    assert counts[1][2] == "tiny-clip, simple_gradient" and counts[3][2] == "tiny-clip-aft, simple_gradient"
