@@ -7,17 +7,13 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable
-from functools import partial
-from pathlib import Path
 from typing import Any, ClassVar
 
 import datasets
 import torch
 from accelerate.utils import gather_object
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import (
     BaseImageProcessor,
     CLIPModel,
@@ -28,7 +24,7 @@ from transformers import (
     TrainerCallback,
 )
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
+from transformers.trainer_utils import IntervalStrategy
 
 from .attack import ExampleRandomness
 from .config import AFTConfig
@@ -37,9 +33,7 @@ from .data import (
     check_images_decode,
     clip_image_processor,
     find_image_column,
-    images_to_pixels,
     load_processor,
-    open_image,
     prepare_dataset,
     with_example_index,
 )
@@ -55,35 +49,18 @@ from .modeling import (
     load_vision_tower,
     vision_tower_of,
 )
-from .release import (
-    CardOptions,
-    TrainingRecord,
-    check_push_access,
-    export_clip,
-    push_folder,
-    write_card,
-)
-from .release.checkpoints import (
-    check_output_dir,
-    checkpoint_staging,
-    commit_checkpoint,
-    final_best_checkpoint,
-    push_resumable_checkpoint,
-    remove_partial_checkpoints,
-)
+from .reference_embeddings import ReferenceEmbedsCollator, precompute_reference_embeddings
+from .release.checkpoints import check_output_dir, remove_partial_checkpoints
 from .release.hub import check_model_source
-from .release.names import hub_id
-from .release.record import hardware_description
+from .release.trainer_outputs import HUB_FOLDER, TrainerOutputsMixin
 from .schedules import AttackSchedule, check_schedule_setup, step_cost, train_sampler
+
+# HUB_FOLDER (where push_to_hub exports) is re-exported: callers read it from here.
+__all__ = ["HUB_FOLDER", "AFTTrainer", "SkippedImages"]
 
 logger = logging.getLogger(__name__)
 
 Dataset = datasets.Dataset | datasets.IterableDataset
-
-HUB_FOLDER = "_hub"  # under output_dir: the exact folder push_to_hub exports, validates and uploads
-
-# The column that ties each train example to its row of the precomputed reference embeddings.
-ROW_COLUMN = "aft_row"
 
 
 def _load_processor(source: str | None, image_size: int) -> ProcessorMixin | BaseImageProcessor:
@@ -97,48 +74,6 @@ def _load_processor(source: str | None, image_size: int) -> ProcessorMixin | Bas
     return clip_image_processor(image_size)
 
 
-def _pixels_or_blank(examples: list[dict[str, Any]], image_processor, image_column: str) -> dict[str, torch.Tensor]:
-    """Pixels of every example, a blank image where one cannot be decoded (``readable`` is 0 there), and the rows."""
-    images, readable = [], []
-    for example in examples:
-        try:
-            images.append(open_image(example[image_column]))
-            readable.append(1)
-        except Exception as err:  # noqa: BLE001 - any decoding failure means "drop this image"
-            logger.warning("Dropping an unreadable image (row %d): %s", example[ROW_COLUMN], err)
-            images.append(Image.new("RGB", (1, 1)))
-            readable.append(0)
-    return {
-        "pixel_values": images_to_pixels(images, image_processor),
-        "readable": torch.tensor(readable),
-        "row": torch.tensor([example[ROW_COLUMN] for example in examples]),
-    }
-
-
-class ReferenceEmbedsCollator:
-    """The AFT collator, plus each example's precomputed e0 (``ref_embeds``), looked up by its ``aft_row``.
-
-    Examples without the row column (an evaluation set) get no ``ref_embeds``, and the trainer runs the reference
-    encoder for them as usual.
-    """
-
-    def __init__(self, collator: AFTDataCollator, table: torch.Tensor):
-        self.collator = collator
-        self.table = table  # (rows, D) float32 on the host
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self.collator(examples)
-        if ROW_COLUMN not in examples[0]:
-            return batch
-        if len(batch["pixel_values"]) != len(examples):
-            raise RuntimeError(
-                "An image that decoded when the reference embeddings were precomputed failed to decode now: has the "
-                "dataset changed on disk? Rerun, or set precompute_ref_embeddings=False."
-            )
-        batch["ref_embeds"] = self.table[[example[ROW_COLUMN] for example in examples]]
-        return batch
-
-
 class SkippedImages(TrainerCallback, ExportableState):
     """The running total of train images skipped as unreadable. As an `ExportableState` it is saved in every
     checkpoint's ``trainer_state.json``, and `AFTTrainer` restores it on resume, so the total spans the whole run."""
@@ -150,7 +85,7 @@ class SkippedImages(TrainerCallback, ExportableState):
         return {"args": {"total": self.total}, "attributes": {}}
 
 
-class AFTTrainer(Trainer):
+class AFTTrainer(TrainerOutputsMixin, Trainer):
     """Adversarial fine-tuning of a CLIP image encoder (Gong et al., ICLR 2025), as a `transformers.Trainer`.
 
     Args:
@@ -169,6 +104,9 @@ class AFTTrainer(Trainer):
     Logged metrics besides ``loss``: ``attack_loss`` (‖f(x+δ*) − e0‖², the embedding distance the attack reached),
     ``cos_sim_adv`` and ``cos_sim_clean`` (cosine similarity of the adversarial / clean embedding to e0), and
     ``skipped_images`` (unreadable images skipped so far), all averaged over the logging window and the ranks.
+
+    Checkpoints, record, export and Hub push come from :class:`~.release.trainer_outputs.TrainerOutputsMixin`;
+    the precomputed reference embeddings from :mod:`hf_clip_aft.reference_embeddings`.
     """
 
     _tag_names: ClassVar[list[str]] = ["hf_clip_aft", "aft", "adversarial-training"]
@@ -306,8 +244,6 @@ class AFTTrainer(Trainer):
         size = len(self.train_dataset) if isinstance(self.train_dataset, datasets.Dataset) else None
         if description := self.attack_schedule.describe(size, vision.config.image_size):
             logger.info(description)
-        self._checkpoint_staging: str | None = None  # the run folder stand-in while a checkpoint is written
-        self._pending_checkpoint_push = False
         if self.args.should_save:
             remove_partial_checkpoints(self.args.output_dir)
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.is_fsdp_enabled:
@@ -376,7 +312,18 @@ class AFTTrainer(Trainer):
 
     def get_train_dataloader(self) -> DataLoader:
         if self.args.precompute_ref_embeddings and not isinstance(self.data_collator, ReferenceEmbedsCollator):
-            self._precompute_reference_embeddings()
+            # e0 of every train image, once; the unreadable ones leave the train set and count as skipped.
+            self.train_dataset, self.data_collator, dropped = precompute_reference_embeddings(
+                self.train_dataset,
+                self.data_collator,
+                self.image_processor,
+                lambda pixels: self.reference_embeds(self.model, pixels),
+                self.accelerator,
+                batch_size=self.args.per_device_eval_batch_size,
+                num_workers=self.args.dataloader_num_workers,
+                show_progress=not self.args.disable_tqdm and self.is_local_process_zero(),
+            )
+            self._skipped.total += dropped
         return super().get_train_dataloader()
 
     def _get_train_sampler(self, train_dataset=None):
@@ -384,49 +331,6 @@ class AFTTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         sampler = super()._get_train_sampler(train_dataset)
         return train_sampler(self.args.attack_schedule, sampler, len(dataset) if sampler else 0, self.args)
-
-    def _precompute_reference_embeddings(self) -> None:
-        """Embed every train image once with the reference encoder, to carry e0 in the batches (``ref_embeds``).
-
-        Under DDP each rank embeds its share and all ranks gather the whole table (N × D float32 on the host), since
-        the sampler deals the images out anew every epoch. Images that cannot be decoded are dropped from the train
-        set here, so that the batches never skip one and the table stays aligned with them.
-        """
-        dataset = self.train_dataset.add_column(ROW_COLUMN, list(range(len(self.train_dataset))))
-        collate = partial(
-            _pixels_or_blank, image_processor=self.image_processor, image_column=self.data_collator.image_column
-        )
-        loader = DataLoader(
-            dataset,
-            batch_size=self.args.per_device_eval_batch_size,
-            collate_fn=collate,
-            num_workers=self.args.dataloader_num_workers,
-        )
-        table = None
-        readable = torch.zeros(len(dataset), dtype=torch.bool)
-        # Iterating a DataLoader draws from the global generator: fork it, so that the attack draws the same noise
-        # with or without the precompute.
-        cuda = [self.args.device] if self.args.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            for batch in tqdm(
-                self.accelerator.prepare(loader),
-                desc="Reference embeddings",
-                disable=self.args.disable_tqdm or not self.is_local_process_zero(),
-            ):
-                e0 = self.reference_embeds(self.model, batch["pixel_values"])
-                # Ranks padded to even batches repeat rows: writing them twice is harmless.
-                rows, e0, ok = (t.cpu() for t in self.accelerator.gather((batch["row"], e0, batch["readable"])))
-                if table is None:
-                    table = torch.zeros(len(dataset), e0.shape[-1])
-                table[rows] = e0
-                readable[rows] = ok.bool()
-        dropped = len(dataset) - int(readable.sum())
-        if dropped:
-            logger.warning("Dropped %d unreadable images of %d from the train set.", dropped, len(dataset))
-            self._skipped.total += dropped
-            dataset = dataset.select(readable.nonzero().flatten().tolist())
-        self.train_dataset = dataset
-        self.data_collator = ReferenceEmbedsCollator(self.data_collator, table)
 
     def attack_randomness(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> ExampleRandomness | None:
         """Each example's own random start and noise, keyed by (seed, epoch, its dataset index): the same draws for an
@@ -604,168 +508,3 @@ class AFTTrainer(Trainer):
                 for name, value in self._initial_adapters.items():
                     parameters[name].copy_(value)
         logger.warning("The base's weights were restored: no checkpoint scored better than the base.")
-
-    # --- checkpoints: written whole or not at all ---
-
-    def _get_output_dir(self, trial) -> str:
-        return self._checkpoint_staging or super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model: nn.Module, trial) -> None:
-        """Write ``checkpoint-N`` atomically (:mod:`hf_clip_aft.release.checkpoints`), so that
-        ``resume_from_checkpoint=true`` (the highest checkpoint-N) only ever finds complete ones.
-
-        The Trainer writes everything (weights, optimiser, RNG states of every rank, trainer state) into the hidden
-        ``.partial-checkpoint-N/checkpoint-N``; the main process then adds the training record, rewrites the trainer
-        state with the final ``best_model_checkpoint``, flushes the files to disk and renames the folder to
-        ``checkpoint-N`` (then rotates and pushes as the Trainer would). A checkpoint of non-finite weights is
-        refused; a failed write (a full disk) leaves no folder behind and says why.
-        """
-        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p.detach()).all()]
-        if bad:
-            raise FloatingPointError(
-                f"Refusing to save checkpoint-{self.state.global_step}: {len(bad)} weight tensors are not finite "
-                f"(e.g. {bad[0]}). Resume from the last complete checkpoint with a lower learning_rate."
-            )
-        self._flush_skipped()  # the total goes into this checkpoint's trainer state
-        run_dir = super()._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        with checkpoint_staging(run_dir, name, self.args.should_save) as staging:
-            self._checkpoint_staging = staging
-            try:
-                super()._save_checkpoint(model, trial)
-                self.accelerator.wait_for_everyone()  # every rank's files (RNG state, shards) are in
-                final_best_checkpoint(self.state, staging, run_dir)
-                if self.args.should_save:
-                    commit_checkpoint(
-                        staging, run_dir, name, self.state, self.training_record(), self.args.save_total_limit
-                    )
-            finally:
-                self._checkpoint_staging = None
-        if self._pending_checkpoint_push:
-            self._pending_checkpoint_push = False
-            self._push_from_checkpoint(os.path.join(run_dir, name))
-        self.accelerator.wait_for_everyone()
-
-    # --- the record, and the release steps that read it ---
-
-    def training_record(self) -> TrainingRecord:
-        """What this run was (:class:`~hf_clip_aft.release.TrainingRecord`), as far as it has gone."""
-        runtime = next(
-            (log["train_runtime"] for log in reversed(self.state.log_history) if "train_runtime" in log), None
-        )
-        base = self.base_model_source
-        return TrainingRecord.from_config(
-            self.args,
-            base_model=base if isinstance(base, str) else hub_id(base),
-            dataset_name=self.dataset_name,
-            train_runtime=runtime,
-            hardware=hardware_description(self.args.device, self.args.world_size),
-            global_steps=self.state.global_step or None,
-            skipped_images=self._skipped.total,
-            training_evaluation=self.training_evaluation,
-        )
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Write the drop-in `CLIPModel` folder with its training record and card (and push it with ``push_to_hub``).
-
-        The folder holds the fine-tuned vision tower and projection, the base model's text tower and logit scale,
-        the processor, ``training_record.json`` and README.md: ``CLIPModel.from_pretrained(output_dir)`` loads it
-        with plain transformers. Checkpoints during training (``_internal_call``) keep the resumable training state.
-        """
-        if _internal_call:
-            return super().save_model(output_dir, _internal_call=True)
-        self.export(output_dir or self.args.output_dir)
-        if self.args.push_to_hub:
-            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
-        return None
-
-    def _trained_tower(self) -> nn.Module:
-        """The trained tower, whole. A collective under FSDP / ZeRO-3 (every rank gathers the full weights)."""
-        trained = self.accelerator.unwrap_model(self.model)
-        if not (self.is_fsdp_enabled or self.is_deepspeed_enabled):
-            return trained
-        state_dict = self.accelerator.get_state_dict(self.deepspeed if self.is_deepspeed_enabled else self.model)
-        if not isinstance(trained, CLIPVisionModelWithProjection):
-            raise NotImplementedError(
-                "Exporting a peft model trained under FSDP/ZeRO-3 is not supported here: save the adapter "
-                "with save_model(_internal_call=True) and export with recipes/push.py --dry_run."
-            )
-        full = CLIPVisionModelWithProjection(trained.config)
-        if self.args.should_save:  # where the gathered weights are complete
-            full.load_state_dict(state_dict)
-        return full
-
-    def export(self, folder: str, options: CardOptions | None = None) -> None:
-        """The release steps after training: export the drop-in folder with the run's record, then its card.
-
-        Call it on every rank (sharded weights are gathered); only the main process writes.
-        """
-        trained = self._trained_tower()
-        self._flush_skipped()
-        if not self.args.should_save:
-            return
-        record = self.training_record()
-        export_clip(trained, self.base_model_source, folder, processor=self.processing_class, record=record)
-        write_card(folder, record, options=options or CardOptions(repo_id=self.hub_model_id))
-
-    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        """With ``push_to_hub``: check at init, not after training, that the token can write to the repo."""
-        if not self.is_world_process_zero():
-            return
-        self.hub_model_id = check_push_access(
-            self.args.hub_model_id or Path(self.args.output_dir).absolute().name,
-            token=token,
-            private=private if private is not None else self.args.hub_private_repo,
-        )
-        self.push_in_progress = None
-
-    def push_to_hub(
-        self,
-        commit_message: str | None = "End of training",
-        blocking: bool = True,
-        token: str | None = None,
-        revision: str | None = None,
-        private: bool | None = None,
-        card_options: CardOptions | None = None,
-    ):
-        """Push the drop-in `CLIPModel` folder with its record and card, in one commit; never `output_dir` as a whole.
-
-        The folder is exported to ``<output_dir>/_hub`` from the current weights (:meth:`export`), validated, and
-        uploaded as is (`PreTrainedModel.push_to_hub` is not used: it would replace our card with its own).
-        `card_options`: what the card says beyond the record (:class:`~hf_clip_aft.release.CardOptions`).
-        """
-        self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        if self.hub_model_id is None:
-            self.init_hf_repo(token=token, private=private)
-        folder = os.path.join(self.args.output_dir, HUB_FOLDER)
-        self.export(folder, card_options or CardOptions(repo_id=self.hub_model_id))
-        if not self.is_world_process_zero():
-            return None
-        self._finish_current_push()
-        return push_folder(
-            folder,
-            self.hub_model_id,
-            token=token,
-            revision=revision or self.args.hub_revision,
-            commit_message=commit_message or "Upload AFT CLIP model",
-            run_as_future=not blocking,
-        )
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Mid-run pushes of the resumable checkpoint, once it has its final name (see
-        :func:`~hf_clip_aft.release.checkpoints.push_resumable_checkpoint`). The Trainer's version would copy the
-        checkpoint's bare tower over the repo root's CLIPModel."""
-        if not self.is_world_process_zero():
-            return
-        if self._checkpoint_staging is not None:  # called by Trainer._save_checkpoint: push once renamed
-            self._pending_checkpoint_push = True
-            return
-        self.push_in_progress = push_resumable_checkpoint(
-            checkpoint_folder,
-            self.hub_model_id,
-            self.args.hub_strategy,
-            self.state.global_step,
-            self.push_in_progress,
-            revision=self.args.hub_revision,
-            always_push=self.args.hub_always_push,
-        )
