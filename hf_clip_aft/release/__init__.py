@@ -2,8 +2,9 @@
 
 :mod:`.record` (what the run was, saved once by the trainer), :mod:`.export` (the drop-in `CLIPModel` folder and its
 checks), :mod:`.card` (README.md from the record and an evaluation report), :mod:`.hub` (access check and the one-commit
-push), :mod:`.checkpoints` (the training run's atomic checkpoint folders and mid-run pushes), :mod:`.llava` (an AFT
-tower inside a LLaVA), :mod:`.names` (what a public file may call a model or dataset).
+push), :mod:`.checkpoints` (the training run's atomic checkpoint folders and mid-run pushes), :mod:`.trainer_outputs`
+(`AFTTrainer`'s checkpoints, record, export and push, as a mixin), :mod:`.llava` (an AFT tower inside a LLaVA),
+:mod:`.names` (what a public file may call a model or dataset).
 Only :func:`.card.read_eval_report` imports the evaluation package, when a card has results to show.
 """
 
