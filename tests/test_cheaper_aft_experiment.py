@@ -31,23 +31,3 @@ def test_smoke_run_counts_each_variant_and_writes_the_frontier(tmp_path):
     assert rows["free4"]["cost_share_of_pgd10"] == 4 / 24
     assert (tmp_path / "frontier.png").stat().st_size > 0
     assert "| pgd1 |" in (tmp_path / "table.md").read_text()
-
-
-def test_readme_and_results_quote_the_measured_gains():
-    """The gains the README's Performance section and RESULTS.md quote are those of results/summary.json."""
-    root = RUN.parents[2]
-    summary = json.loads((RUN.parent / "results" / "summary.json").read_text())["summary"]
-    readme = (root / "README.md").read_text()
-    results = (RUN.parent / "RESULTS.md").read_text()
-
-    def gain(world, variant):
-        stat = summary[world]["variants"][variant]["gain"]
-        return f"+{stat['mean']:.3f} ± {stat['std']:.3f}"
-
-    laptop, second = "laptop", "when_aft_helps_reference"
-    for text in (readme, results):
-        assert f"{gain(laptop, 'free4')} vs {gain(laptop, 'pgd10')}" in text.replace("against", "vs")
-        assert f"{gain(second, 'free4')} vs {gain(second, 'pgd10')}" in text.replace("against", "vs")
-    assert gain(laptop, "fgsm_rs") in readme and gain(second, "fgsm_rs") in readme
-    assert summary[laptop]["variants"]["free4"]["meets_target"] and summary[second]["variants"]["free4"]["meets_target"]
-    assert summary[laptop]["seeds"] == summary[second]["seeds"] == [0, 1, 2]

@@ -1,7 +1,9 @@
 """The laptop-scale experiment (experiments/laptop_scale): scenes, variant settings, the pipeline at toy size."""
 
 import importlib
+import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -118,3 +120,33 @@ def test_smoke_run_writes_the_table_and_figure_and_is_reproducible(tmp_path, kee
         ["--output", str(tmp_path / "b"), "--smoke", "--seeds", "0", "--figure_images", "2", "--workers", "1"]
     )
     assert again["seeds"][0]["metrics"] == metrics
+
+
+def test_figures_are_redrawn_from_saved_towers_only_when_they_are_the_run_s(tmp_path, keep_torch_threads):
+    """--figures_from redraws both figures (with the masks' outline) from towers saved as experiments/dissection's
+    towers.py saves them, and refuses towers that do not give the run's numbers."""
+    from hf_clip_aft.data import open_image
+    from hf_clip_aft.interpret.figures import OUTLINE_COLOUR
+
+    output = tmp_path / "run"
+    arguments = ["--smoke", "--seeds", "0", "--figure_images", "2", "--workers", "1", "--variants", "clean", "aft"]
+    report = run.main(["--output", str(output), *arguments])
+    spec = importlib.util.spec_from_file_location("dissection_towers", EXPERIMENT.parent / "dissection" / "towers.py")
+    towers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(towers)
+    config = run.ExperimentConfig.from_dict(report["config"])
+    assert config == run.dataclasses.replace(run.SMOKE_CONFIG, variants=("clean", "aft"))
+    towers.seed_towers(config, 0, config.variants, str(tmp_path / "towers"))
+    for name in (run.FIGURE_NAME, run.SURGERY_FIGURE_NAME):
+        (output / name).unlink()
+    result = run.redraw_figures(str(output), str(tmp_path / "towers"), 2)
+    assert result.figure_masks.shape == (2, 16, 16) and result.figure_masks.any()
+    for name in (run.FIGURE_NAME, run.SURGERY_FIGURE_NAME):
+        pixels = np.asarray(open_image(output / name), dtype=np.int16)
+        assert (np.abs(pixels - np.array(OUTLINE_COLOUR)).max(axis=-1) < 24).sum() > 20  # the outlines
+    # The AFT tower in the base's place is not the run's base: refused, naming it.
+    base = tmp_path / "towers" / "seed0" / "base"
+    shutil.rmtree(base)
+    shutil.copytree(tmp_path / "towers" / "seed0" / "aft", base)
+    with pytest.raises(ValueError, match="base energy_pointing_game"):
+        run.redraw_figures(str(output), str(tmp_path / "towers"), 2)

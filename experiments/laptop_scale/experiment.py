@@ -44,6 +44,17 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, document: dict[str, Any]) -> ExperimentConfig:
+        """The configuration :meth:`to_dict` wrote (as read back from JSON); fields added since take their default."""
+        specs = {"scenes": SceneSpec, "tower": TowerSpec, "pretrain": PretrainSpec, "finetune": FinetuneSpec}
+        parts = {
+            name: spec(**{key: tuple(v) if isinstance(v, list) else v for key, v in document[name].items()})
+            for name, spec in specs.items()
+        }
+        sizes = {name: document[name] for name in ("train_size", "eval_size")}
+        return cls(**parts, **sizes, variants=tuple(document["variants"]))
+
 
 @dataclass
 class SeedResult:
@@ -57,6 +68,7 @@ class SeedResult:
     seconds: dict[str, float]
     figure_pixels: torch.Tensor
     figure_labels: list[int]
+    figure_masks: torch.Tensor  # (figure_images, H, W) boolean object masks of those scenes
     figure_maps: dict[str, dict[str, torch.Tensor]]  # model -> map method -> (figure_images, H, W)
     training_evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant -> monitor summary
 
@@ -74,27 +86,75 @@ class SeedResult:
 
 
 @dataclass
-class World:
-    """One seed's data and base model: what every fine-tuning of that base shares.
+class EvaluationData:
+    """One seed's evaluation split and what measuring a tower on it needs.
 
     Attributes:
         processor: the towers' image processor; class_embeds: ``(C, D)`` the fixed class vectors.
-        train_images: the training scenes (``image`` column only, as the fine-tuning sees them).
         eval_pixels, eval_masks, eval_labels: the evaluation split as tensors (``(N, 3, H, W)`` in [0, 1],
             ``(N, H, W)`` boolean, ``(N,)``).
-        base: the pre-trained tower; pretrain_loss: mean training loss of its last 50 steps (nats).
-        seconds: wall time of data generation and pre-training.
     """
 
     processor: Any
     class_embeds: torch.Tensor
-    train_images: Any
     eval_pixels: torch.Tensor
     eval_masks: torch.Tensor
     eval_labels: torch.Tensor
+
+
+@dataclass
+class World(EvaluationData):
+    """One seed's data and base model: what every fine-tuning of that base shares.
+
+    Attributes (besides :class:`EvaluationData`'s):
+        train_images: the training scenes (``image`` column only, as the fine-tuning sees them).
+        base: the pre-trained tower; pretrain_loss: mean training loss of its last 50 steps (nats).
+        seconds: wall time of data generation and pre-training.
+    """
+
+    train_images: Any
     base: Any
     pretrain_loss: float
     seconds: dict[str, float]
+
+
+def evaluation_data(config: ExperimentConfig, seed: int, split: str = "test") -> EvaluationData:
+    """The evaluation split `split` (``validation`` or ``test``) of `seed`, without the training scenes or a base."""
+    if split not in SPLIT_OFFSETS:
+        raise ValueError(f"split={split!r} is not one of {list(SPLIT_OFFSETS)}.")
+    processor = image_processor_for(config.scenes.image_size)
+    evaluation = make_scenes(seed, config.eval_size, config.scenes, start=SPLIT_OFFSETS[split])
+    return EvaluationData(
+        processor=processor,
+        class_embeds=class_embeddings(len(CLASS_NAMES), config.tower.projection_dim, seed),
+        eval_pixels=images_to_pixels(evaluation["image"], processor),
+        eval_masks=masks_to_tensor(evaluation["mask"], processor),
+        eval_labels=torch.tensor(evaluation["label"]),
+    )
+
+
+def evaluate_model(
+    model: Any,
+    data: EvaluationData,
+    config: ExperimentConfig,
+    seed: int,
+    figure_images: int = 0,
+    surgery_maps: bool = False,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """:func:`measure.evaluate_tower` of `model` on `data`, as every model of a seed is measured: its metrics, and
+    its maps of the first `figure_images` scenes (with :data:`measure.SURGERY_METHODS` when `surgery_maps`)."""
+    return evaluate_tower(
+        model,
+        data.processor,
+        data.eval_pixels,
+        data.eval_masks,
+        data.eval_labels,
+        data.class_embeds,
+        config.finetune.eps,
+        seed,
+        keep_maps=figure_images,
+        dense_methods=SURGERY_METHODS if surgery_maps else (),
+    )
 
 
 def prepare_world(config: ExperimentConfig, seed: int, split: str = "test", base_cache: dict | None = None) -> World:
@@ -103,17 +163,11 @@ def prepare_world(config: ExperimentConfig, seed: int, split: str = "test", base
     `base_cache`, when given, keeps pre-trained bases across calls keyed by what they depend on (the search
     fine-tunes one base many ways).
     """
-    if split not in SPLIT_OFFSETS:
-        raise ValueError(f"split={split!r} is not one of {list(SPLIT_OFFSETS)}.")
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
-    processor = image_processor_for(config.scenes.image_size)
-    class_embeds = class_embeddings(len(CLASS_NAMES), config.tower.projection_dim, seed)
+    data = evaluation_data(config, seed, split)
+    processor, class_embeds = data.processor, data.class_embeds
     train = make_scenes(seed, config.train_size, config.scenes)
-    evaluation = make_scenes(seed, config.eval_size, config.scenes, start=SPLIT_OFFSETS[split])
-    eval_pixels = images_to_pixels(evaluation["image"], processor)
-    eval_masks = masks_to_tensor(evaluation["mask"], processor)
-    eval_labels = torch.tensor(evaluation["label"])
     seconds["data"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -131,12 +185,8 @@ def prepare_world(config: ExperimentConfig, seed: int, split: str = "test", base
             base_cache[key] = (base, pretrain_loss)
     seconds["pretrain"] = time.perf_counter() - clock
     return World(
-        processor=processor,
-        class_embeds=class_embeds,
+        **{name: getattr(data, name) for name in EvaluationData.__dataclass_fields__},
         train_images=train.select_columns(["image"]),
-        eval_pixels=eval_pixels,
-        eval_masks=eval_masks,
-        eval_labels=eval_labels,
         base=base,
         pretrain_loss=pretrain_loss,
         seconds=seconds,
@@ -180,18 +230,7 @@ def run_seed(
     base = world.base
 
     def evaluate(model) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-        return evaluate_tower(
-            model,
-            world.processor,
-            world.eval_pixels,
-            world.eval_masks,
-            world.eval_labels,
-            world.class_embeds,
-            config.finetune.eps,
-            seed,
-            keep_maps=figure_images,
-            dense_methods=SURGERY_METHODS if surgery_maps else (),
-        )
+        return evaluate_model(model, world, config, seed, figure_images, surgery_maps)
 
     clock = time.perf_counter()
     metrics, maps, logs, fingerprints, evaluations = {}, {}, {}, {}, {}
@@ -218,6 +257,7 @@ def run_seed(
         seconds=seconds,
         figure_pixels=world.eval_pixels[:figure_images],
         figure_labels=world.eval_labels[:figure_images].tolist(),
+        figure_masks=world.eval_masks[:figure_images],
         figure_maps=maps,
         training_evaluations=evaluations,
     )

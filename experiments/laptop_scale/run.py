@@ -15,6 +15,9 @@ with the library's evaluation suite. Writes into ``--output``:
 
 Every model is measured with Simple Gradient and with those dense maps (``<metric>@<method>`` in the results).
 
+``--figures_from TOWERS`` only redraws the two figures of the run already in ``--output`` from its first seed's
+saved towers (no training; each tower must reproduce that run's metrics).
+
 Seeds run in ``--workers`` processes (default 2, one per core) of ``--threads`` torch threads (default 1: with one
 thread a seed gives bit-identical numbers on a rerun). ``--smoke`` runs the same pipeline at toy sizes in seconds
 (the test suite uses it); its numbers mean nothing.
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -35,16 +37,18 @@ from multiprocessing import get_context
 import numpy as np
 import torch
 import transformers
+from transformers import CLIPVisionModelWithProjection
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from experiment import ExperimentConfig, SeedResult, run_seed  # noqa: E402
+from experiment import ExperimentConfig, SeedResult, evaluate_model, evaluation_data, run_seed  # noqa: E402
 from finetune import VARIANT_DESCRIPTIONS, VARIANTS, FinetuneSpec  # noqa: E402
 from measure import DENSE_METRIC_NAMES, HIGHER_IS_BETTER, METRIC_NAMES, PRIMARY_METRIC, SURGERY_METHODS  # noqa: E402
 from pretrain import PretrainSpec, TowerSpec  # noqa: E402
 from scenes import CLASS_NAMES, SceneSpec  # noqa: E402
 from search import STAGES  # noqa: E402
 
+from hf_clip_aft.files import read_json, write_json_atomic, write_text_atomic  # noqa: E402
 from hf_clip_aft.interpret import saliency_grid  # noqa: E402
 
 FIGURE_NAME = "saliency_base_vs_aft.png"
@@ -161,7 +165,9 @@ def write_figure(result: SeedResult, path: str) -> None:
     models = list(result.figure_maps)
     maps = {("simple_gradient", model): result.figure_maps[model]["simple_gradient"] for model in models}
     titles = [CLASS_NAMES[label] for label in result.figure_labels]
-    saliency_grid(result.figure_pixels, maps, models, ["simple_gradient"], path, cell=64, titles=titles)
+    saliency_grid(
+        result.figure_pixels, maps, models, ["simple_gradient"], path, cell=64, titles=titles, masks=result.figure_masks
+    )
 
 
 def write_surgery_figure(result: SeedResult, path: str) -> None:
@@ -169,7 +175,58 @@ def write_surgery_figure(result: SeedResult, path: str) -> None:
     methods, models = ["simple_gradient", *SURGERY_METHODS], ["base", "aft"]
     maps = {(method, model): result.figure_maps[model][method] for method in methods for model in models}
     titles = [CLASS_NAMES[label] for label in result.figure_labels]
-    saliency_grid(result.figure_pixels, maps, models, methods, path, cell=64, titles=titles)
+    saliency_grid(result.figure_pixels, maps, models, methods, path, cell=64, titles=titles, masks=result.figure_masks)
+
+
+def redraw_figures(output: str, towers: str, figure_images: int, tolerance: float = 1e-4) -> SeedResult:
+    """Redraw both figures of the finished run in `output` from its first seed's saved towers, without training.
+
+    `towers` holds ``seed<k>/<model>`` folders (``save_pretrained``; ``experiments/dissection/towers.py`` saves the
+    laptop towers so) for ``base`` and every variant of ``output/results.json``. Each tower is measured again on the
+    seed's test scenes and must give that file's metrics, so that the figures show the models the numbers are about:
+    within `tolerance`, and a pointing game within one scene (its arg-max may flip on a near-tie). Towers that do
+    not are refused, naming every metric that differs.
+    """
+    report = read_json(output, _check_report)
+    recorded = report["seeds"][0]
+    seed, models = recorded["seed"], ["base", *report["config"]["variants"]]
+    config = ExperimentConfig.from_dict(report["config"])
+    data = evaluation_data(config, seed, "test")
+    metrics, maps, differences = {}, {}, []
+    for model in models:
+        folder = os.path.join(towers, f"seed{seed}", model)
+        tower = CLIPVisionModelWithProjection.from_pretrained(folder)
+        metrics[model], maps[model] = evaluate_model(tower, data, config, seed, figure_images, surgery_maps=True)
+        for name, value in recorded["metrics"][model].items():
+            allowed = 1 / config.eval_size + 1e-9 if name.startswith("pointing_game") else tolerance
+            if abs(metrics[model][name] - value) > allowed:
+                differences.append(f"{model} {name}: {metrics[model][name]!r} here, {value!r} in results.json")
+    if differences:
+        raise ValueError(
+            f"The towers in {towers} are not the models {output}/results.json measured on seed {seed}'s test scenes ("
+            + "; ".join(differences)
+            + "). Pass the towers of that run, or rerun the experiment (which draws the figures)."
+        )
+    result = SeedResult(
+        seed=seed,
+        metrics=metrics,
+        pretrain_final_loss=recorded["pretrain_final_loss"],
+        train_logs=recorded["train_logs"],
+        same_data_order=recorded["same_data_order"],
+        seconds=recorded["seconds"],
+        figure_pixels=data.eval_pixels[:figure_images],
+        figure_labels=data.eval_labels[:figure_images].tolist(),
+        figure_masks=data.eval_masks[:figure_images],
+        figure_maps=maps,
+    )
+    write_figure(result, os.path.join(output, FIGURE_NAME))
+    write_surgery_figure(result, os.path.join(output, SURGERY_FIGURE_NAME))
+    return result
+
+
+def _check_report(report: dict) -> None:
+    if not report.get("seeds") or "metrics" not in report["seeds"][0]:
+        raise ValueError("results.json has no per-seed metrics; give the --output folder of a finished run.")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -191,9 +248,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="Fine-tuning variants (default: all)."
     )
+    parser.add_argument(
+        "--figures_from",
+        default=None,
+        help="Only redraw the figures of the run already in --output, from its first seed's saved towers in this "
+        "folder (seed<k>/<model>, as experiments/dissection/towers.py saves them): no training.",
+    )
     args = parser.parse_args(argv)
     if args.figure_images < 1:
         raise ValueError(f"--figure_images={args.figure_images} must be at least 1.")
+    if args.figures_from:
+        torch.set_num_threads(args.threads)
+        redraw_figures(args.output, args.figures_from, args.figure_images)
+        print(f"Redrew {FIGURE_NAME} and {SURGERY_FIGURE_NAME} in {args.output}.")
+        return read_json(args.output, _check_report)
     if "aft" not in args.variants:
         raise ValueError(f"--variants={args.variants} must include 'aft' (the figures compare it with the base).")
     config = dataclasses.replace(SMOKE_CONFIG if args.smoke else FINAL_CONFIG, variants=tuple(args.variants))
@@ -222,11 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "seconds_total": time.perf_counter() - start,
     }
-    with open(os.path.join(args.output, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-        f.write("\n")
-    with open(os.path.join(args.output, "table.md"), "w", encoding="utf-8") as f:
-        f.write(table_markdown(results, summary))
+    write_json_atomic(os.path.join(args.output, "results.json"), report)
+    write_text_atomic(os.path.join(args.output, "table.md"), table_markdown(results, summary))
     write_figure(results[0], os.path.join(args.output, FIGURE_NAME))
     write_surgery_figure(results[0], os.path.join(args.output, SURGERY_FIGURE_NAME))
     print(table_markdown(results, summary))
