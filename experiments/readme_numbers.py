@@ -100,10 +100,9 @@ def laptop_scale_claims() -> list[Claim]:
     over_controls = min(summary["aft"][epg]["mean"] - summary[c][epg]["mean"] for c in ("clean", "random"))
     accuracy = f"{summary['base']['accuracy']['mean']:.3f} → {summary['aft']['accuracy']['mean']:.3f}"
     return [
-        Claim(f"energy pointing game {summary['base'][epg]['mean']:.2f} against", LAPTOP, f"summary.base.{epg}.mean"),
         Claim(f"by about {over_controls:+.2f} over both controls", LAPTOP, f"summary.aft − summary.clean/random {epg}"),
         Claim(
-            f"{_pm(summary['base'][epg])} → {_pm(summary['aft'][epg])}",
+            f"from {_pm(summary['base'][epg])} to {_pm(summary['aft'][epg])}",
             LAPTOP,
             f"summary.base/aft.{epg}",
             (DOCS, LAPTOP_MD),
@@ -165,7 +164,7 @@ def when_aft_helps_claims() -> list[Claim]:
     worlds = len({job["world"] for job in report["jobs"]})
     learnt = f"rows with base_accuracy ≥ {LEARNT_ACCURACY:.3f}"
     return [
-        Claim(f"over {NUMBER_WORDS[worlds]} synthetic worlds", WHEN, "jobs[*].world (distinct)"),
+        Claim(f"{NUMBER_WORDS[worlds]} synthetic worlds", WHEN, "jobs[*].world (distinct)"),
         Claim(
             f"base energy pointing game {min(bases):.2f}–{max(bases):.2f}", WHEN, f"{learnt}: base_epg", (DOCS, WHEN_MD)
         ),
