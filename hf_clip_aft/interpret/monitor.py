@@ -11,350 +11,60 @@ the maps fall below the base's or the encoder heads towards a constant, can stop
 (:func:`verdict_text`) in the log, the training record and the card.
 
 Metric names are those of the metric registry (:mod:`hf_clip_aft.interpret.registry`), so
-``metric_for_best_model: energy_pointing_game`` works and its direction comes from the registry; two monitor-only
-numbers are added: ``embedding_drift`` (mean ‖f(x) − f0(x)‖² on clean images, f0 the frozen base) and
-``embedding_spread`` (1 − mean pairwise cosine of the clean embeddings; 0 means every image has one embedding).
+``metric_for_best_model: energy_pointing_game`` works and its direction comes from the registry; the monitor adds
+``embedding_drift``, ``embedding_spread`` and ``majority_share`` (:mod:`.monitor_metrics`).
+
+The parts, one concern each: :mod:`.monitor_metrics` (the pure numbers, the directions and the guard),
+:mod:`.monitor_measure` (:class:`MonitorSettings` and the :class:`MapMonitor` measurement: masks read and scored as
+the evaluation suite does, every registered map method), :mod:`.monitor_verdict` (the verdict text), and this module,
+the Trainer callback; every name is importable from here.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-import datasets
-import torch
-import torch.nn.functional as F
-from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
 
-from ..data import find_image_column, images_to_pixels, open_image
-from ..modeling import embed_fn
-from .batches import masks_to_tensor
-from .faithfulness import curve_auc, faithfulness_curve
-from .metrics import energy_pointing_game, gini_index, pointing_game, top_fraction_iou
-from .registry import get_metric
-from .saliency import class_similarity, saliency
-from .zero_shot import zero_shot_predictions
+from .monitor_measure import EMPTY_PROMPT_METHODS, MapMonitor, MonitorSettings, check_method_inputs, needs_empty_prompt
+from .monitor_metrics import (
+    MASK_FREE_METRICS,
+    MASK_METRICS,
+    MONITOR_ONLY,
+    MapGuard,
+    better,
+    embedding_spread,
+    higher_is_better,
+    majority_share,
+)
+from .monitor_verdict import verdict_text
+
+__all__ = [
+    "EMPTY_PROMPT_METHODS",
+    "MASK_FREE_METRICS",
+    "MASK_METRICS",
+    "MONITOR_ONLY",
+    "TRAINER_EVAL_METRICS",
+    "MapGuard",
+    "MapMonitor",
+    "MapMonitorCallback",
+    "MonitorSettings",
+    "check_method_inputs",
+    "embedding_spread",
+    "higher_is_better",
+    "majority_share",
+    "needs_empty_prompt",
+    "verdict_text",
+]
 
 logger = logging.getLogger(__name__)
-
-# Metrics computed without a mask; with a mask column the localisation metrics are computed instead of these.
-MASK_FREE_METRICS = ("gini", "deletion_auc", "insertion_auc")
-MASK_METRICS = ("gini", "pointing_game", "energy_pointing_game", "top_k_iou")
-MONITOR_ONLY = {"embedding_drift": False, "embedding_spread": True, "majority_share": False}
-
-
-def embedding_spread(embeds: torch.Tensor) -> float:
-    """1 − the mean cosine similarity over distinct pairs of rows of `embeds` ``(N, D)``, N ≥ 2.
-
-    0 when every image has the same embedding direction (a collapsed encoder); a base CLIP on natural images has
-    spreads around 0.3–0.6.
-    """
-    if embeds.shape[0] < 2:
-        raise ValueError(f"embedding_spread needs at least 2 embeddings, got {embeds.shape[0]}.")
-    unit = F.normalize(embeds.double(), dim=-1)
-    n = unit.shape[0]
-    # Sum of all pairwise cosines = ‖Σ u‖²; remove the n self-pairs.
-    total = unit.sum(dim=0).pow(2).sum() - n
-    return float(1.0 - total / (n * (n - 1)))
-
-
-def majority_share(predictions: torch.Tensor) -> float:
-    """The share of the most frequent value of `predictions` ``(N,)`` (1.0 when one class is predicted for all)."""
-    return float(torch.bincount(predictions.flatten()).max() / predictions.numel())
-
-
-@dataclass
-class MapGuard:
-    """Fires when `metric` is worse than the base's by more than `tolerance` for `patience` evaluations in a row.
-
-    Attributes:
-        metric: the registered metric watched.
-        higher_is_better: its direction.
-        tolerance: allowed loss against the base, in the metric's own units.
-        patience: consecutive bad evaluations before it fires.
-    """
-
-    metric: str
-    higher_is_better: bool
-    tolerance: float = 0.02
-    patience: int = 2
-    bad_in_a_row: int = field(default=0, init=False)
-
-    def update(self, base: float, current: float) -> bool:
-        """Record one evaluation; True when the guard fires (and keeps firing while it stays bad)."""
-        worse = base - current if self.higher_is_better else current - base
-        self.bad_in_a_row = self.bad_in_a_row + 1 if worse > self.tolerance else 0
-        return self.bad_in_a_row >= self.patience
-
-
-@dataclass
-class MonitorSettings:
-    """What the monitor computes; the fields of ``AFTConfig`` with the same names feed it (see the train command).
-
-    Attributes:
-        method: the map method (a name of the map-method registry; cheap ``simple_gradient`` by default).
-        max_images: held-out images measured (the first of the given set).
-        batch_size: images per forward/backward.
-        faithfulness_steps: deletion/insertion steps (mask-free metrics).
-        iou_fraction: share of top pixels compared with the mask (``top_k_iou``).
-        guard_metric: the metric the guard watches; None = the primary map metric (``energy_pointing_game`` with
-            masks, else ``deletion_auc``).
-        guard_tolerance, guard_patience: see :class:`MapGuard`.
-        collapse_ratio: warn when the embedding spread falls below this share of the base's.
-        stop_after_collapses: stop training after this many measurements in a row show collapse (the spread below
-            `collapse_ratio` × the base's, or one class taking over the predictions); 0 = never stop for it. A
-            collapsed encoder has not been seen to recover, and with the base as a candidate nothing is lost by
-            stopping; two in a row keeps one noisy measurement from ending a run.
-        stop_if_maps_worse: stop training at the first warning (the guard firing, or collapse).
-    """
-
-    method: str = "simple_gradient"
-    max_images: int = 64
-    batch_size: int = 16
-    faithfulness_steps: int = 10
-    iou_fraction: float = 0.2
-    guard_metric: str | None = None
-    guard_tolerance: float = 0.02
-    guard_patience: int = 2
-    collapse_ratio: float = 0.25
-    stop_after_collapses: int = 2
-    stop_if_maps_worse: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("max_images", "batch_size", "faithfulness_steps", "guard_patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1.")
-        if self.max_images < 2:
-            raise ValueError(f"max_images={self.max_images} must be at least 2 (the embedding spread needs pairs).")
-        if not 0 < self.iou_fraction < 1:
-            raise ValueError(f"iou_fraction={self.iou_fraction} must lie in (0, 1).")
-        if not 0 <= self.collapse_ratio < 1:
-            raise ValueError(f"collapse_ratio={self.collapse_ratio} must lie in [0, 1).")
-        if self.stop_after_collapses < 0:
-            raise ValueError(f"stop_after_collapses={self.stop_after_collapses} must be >= 0 (0: never stop).")
-        if self.guard_tolerance < 0:
-            raise ValueError(f"guard_tolerance={self.guard_tolerance} must be >= 0 (metric units).")
-
-
-class MapMonitor:
-    """Map metrics, zero-shot accuracy and collapse signs of a vision tower on a fixed held-out set.
-
-    Args:
-        pixels: ``(N, 3, H, W)`` held-out images in [0, 1] at the model's resolution.
-        image_processor: the model's image processor (mean/std normalisation inside the encoder).
-        reference_embeds: ``(N, D)`` the frozen base's L2-normalised clean embeddings f0(x).
-        masks: ``(N, H, W)`` boolean object masks, or None (mask-free metrics then).
-        labels: ``(N,)`` class indices, with `class_embeds`; or None.
-        class_embeds: ``(C, D)`` L2-normalised class text embeddings; or None.
-        settings: :class:`MonitorSettings`.
-
-    The map explains each image's class prompt when labels and class embeddings are given, else the image's own
-    base embedding f0(x) (a label-free target: where does the encoder look to stay close to its base?).
-    """
-
-    def __init__(
-        self,
-        pixels: torch.Tensor,
-        image_processor,
-        reference_embeds: torch.Tensor,
-        masks: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        class_embeds: torch.Tensor | None = None,
-        settings: MonitorSettings | None = None,
-    ) -> None:
-        self.settings = settings or MonitorSettings()
-        n = min(len(pixels), self.settings.max_images)
-        if n < 2:
-            raise ValueError(f"The held-out set has {len(pixels)} images; the monitor needs at least 2.")
-        if (labels is None) != (class_embeds is None):
-            raise ValueError("Pass labels and class_embeds together (both or neither).")
-        self.pixels = pixels[:n]
-        self.image_processor = image_processor
-        self.reference_embeds = reference_embeds[:n].float()
-        self.masks = None if masks is None else masks[:n]
-        self.labels = None if labels is None else labels[:n]
-        self.class_embeds = class_embeds
-        if self.masks is not None and not self.masks.flatten(1).any(dim=1).all():
-            raise ValueError("Some held-out masks are empty after the centre crop; drop those images.")
-        self.metric_names = MASK_METRICS if self.masks is not None else MASK_FREE_METRICS
-        self.primary_metric = "energy_pointing_game" if self.masks is not None else "deletion_auc"
-
-    @property
-    def available_metrics(self) -> tuple[str, ...]:
-        """The names :meth:`measure` returns, in its order."""
-        labelled = () if self.class_embeds is None else ("accuracy", "majority_share")
-        return ("embedding_drift", "embedding_spread", *labelled, *self.metric_names)
-
-    @classmethod
-    def from_dataset(
-        cls,
-        model: nn.Module,
-        dataset: datasets.Dataset,
-        image_processor,
-        image_column: str | None = None,
-        mask_column: str | None = None,
-        label_column: str | None = None,
-        class_embeds: torch.Tensor | None = None,
-        settings: MonitorSettings | None = None,
-    ) -> MapMonitor:
-        """Build the monitor from the first ``settings.max_images`` rows of `dataset`, with `model` as the base f0.
-
-        Rows whose image (or mask) does not decode are skipped with a warning, never fatal.
-        """
-        settings = settings or MonitorSettings()
-        image_column = find_image_column(dataset.features, image_column)
-        images, masks, labels, skipped = [], [], [], 0
-        for row in dataset.select(range(min(len(dataset), settings.max_images))):
-            try:
-                image = open_image(row[image_column])
-                mask = None if mask_column is None else open_image(row[mask_column])
-            except (OSError, ValueError) as error:
-                skipped += 1
-                logger.warning("Map monitor: skipped a held-out image that does not decode (%s).", error)
-                continue
-            images.append(image)
-            masks.append(mask)
-            labels.append(None if label_column is None else int(row[label_column]))
-        if skipped:
-            logger.warning("Map monitor: %d of %d held-out images skipped.", skipped, skipped + len(images))
-        pixels = images_to_pixels(images, image_processor)
-        mask_tensor = None if mask_column is None else masks_to_tensor(masks, image_processor)
-        label_tensor = None if label_column is None else torch.tensor(labels)
-        reference = _embed_batched(embed_fn(model, image_processor), pixels, settings.batch_size, _device(model))
-        return cls(pixels, image_processor, reference, mask_tensor, label_tensor, class_embeds, settings)
-
-    def measure(self, model: nn.Module) -> dict[str, float]:
-        """Every monitored number for `model` (a vision tower, possibly wrapped by peft), as plain floats.
-
-        Deterministic: the map method and the faithfulness curves draw no random numbers for the default method;
-        stochastic methods are seeded per call.
-        """
-        was_training = model.training
-        model.eval()
-        try:
-            return self._measure(model)
-        finally:
-            model.train(was_training)
-
-    def _measure(self, model: nn.Module) -> dict[str, float]:
-        s = self.settings
-        device = _device(model)
-        embed = embed_fn(model, self.image_processor)
-        embeds = _embed_batched(embed, self.pixels, s.batch_size, device)
-        out = {
-            "embedding_drift": float((embeds - self.reference_embeds).pow(2).sum(dim=-1).mean()),
-            "embedding_spread": embedding_spread(embeds),
-        }
-        if self.class_embeds is not None:
-            predictions = zero_shot_predictions(embeds, self.class_embeds.float().cpu())
-            out["accuracy"] = float((predictions == self.labels).float().mean())
-            out["majority_share"] = majority_share(predictions)
-            targets = self.class_embeds.float().cpu()[self.labels]
-        else:
-            targets = self.reference_embeds
-        sums: dict[str, float] = dict.fromkeys(self.metric_names, 0.0)
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(0)  # stochastic map methods (SmoothGrad) see the same noise at every evaluation
-        try:
-            for start in range(0, len(self.pixels), s.batch_size):
-                stop = start + s.batch_size
-                pixels = self.pixels[start:stop].to(device)
-                text = targets[start:stop].to(device)
-                maps = saliency(model, pixels, text, s.method, image_processor=self.image_processor)
-                for name, values in self._map_metrics(embed, pixels, text, maps, start, stop).items():
-                    sums[name] += float(values.double().sum())
-        finally:
-            torch.random.set_rng_state(generator_state)
-        out.update({name: total / len(self.pixels) for name, total in sums.items()})
-        return out
-
-    def _map_metrics(
-        self, embed, pixels: torch.Tensor, text: torch.Tensor, maps: torch.Tensor, start: int, stop: int
-    ) -> dict[str, torch.Tensor]:
-        values = {"gini": gini_index(maps)}
-        if self.masks is not None:
-            masks = self.masks[start:stop].to(maps.device)
-            values["pointing_game"] = pointing_game(maps, masks)
-            values["energy_pointing_game"] = energy_pointing_game(maps, masks)
-            values["top_k_iou"] = top_fraction_iou(maps, masks, self.settings.iou_fraction)
-        else:
-            score = partial(class_similarity, embed, text_embeds=text)
-            steps = self.settings.faithfulness_steps
-            values["deletion_auc"] = curve_auc(faithfulness_curve(score, pixels, maps, "deletion", steps))
-            values["insertion_auc"] = curve_auc(faithfulness_curve(score, pixels, maps, "insertion", steps))
-        return values
-
-
-def higher_is_better(metric: str) -> bool:
-    """The direction of a monitored metric: the registry's, or the monitor's own for its extra numbers."""
-    if metric in MONITOR_ONLY:
-        return MONITOR_ONLY[metric]
-    return get_metric(metric).higher_is_better
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def _embed_batched(embed, pixels: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Embeddings of CPU `pixels` computed on `device` in batches, returned on the CPU."""
-    return torch.cat([embed(pixels[i : i + batch_size].to(device)).cpu() for i in range(0, len(pixels), batch_size)])
-
 
 # Numbers of the trainer's own evaluation on an eval_dataset (the AFT loss with its attack), which
 # metric_for_best_model may also name; the monitor does not measure them.
 TRAINER_EVAL_METRICS = ("loss", "attack_loss", "cos_sim_adv", "cos_sim_clean")
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.4f}"
-
-
-def verdict_text(summary: dict[str, Any]) -> str:
-    """The one-paragraph verdict of a monitored run, from :meth:`MapMonitorCallback.summary`'s fields.
-
-    Base vs best vs final on every monitored number, the warnings raised, and whether the exported model is better
-    than the base on the selection metric (``summary["metric"]``).
-    """
-    metric, base, best, final = summary["metric"], summary["base"], summary["best"], summary["final"]
-    arrow = "↑" if higher_is_better(metric) else "↓"
-    lines = [
-        f"Map monitor verdict ({summary['num_images']} held-out images, {summary['method']} maps; selection metric "
-        f"{metric} {arrow}): base {_fmt(base[metric])}, best {_fmt(best[metric])} (step {summary['best_step']}), "
-        f"final {_fmt(final[metric])} (step {summary['final_step']})."
-    ]
-    exported, step = summary["exported"], summary["exported_step"]
-    if summary["exported_is_base"]:
-        lines.append(f"AFT did not improve {metric} over the base; the exported weights are the base's.")
-    elif exported is None:
-        lines.append(f"The exported weights (step {step}) were not measured.")
-    elif summary["improved"]:
-        lines.append(
-            f"The exported weights (step {step}) improve {metric} over the base: {_fmt(base[metric])} → "
-            f"{_fmt(exported[metric])}."
-        )
-    else:
-        reason = summary.get("base_not_candidate") or "the base was not a candidate"
-        lines.append(
-            f"The exported weights (step {step}) do NOT improve {metric} over the base ({_fmt(base[metric])} → "
-            f"{_fmt(exported[metric])}): {reason}."
-        )
-    others = [name for name in base if name != metric and name in final and name in best]
-    if others:
-        changes = "; ".join(f"{n} {_fmt(base[n])} → {_fmt(best[n])} → {_fmt(final[n])}" for n in others)
-        lines.append(f"Base → best → final: {changes}.")
-    warnings = summary["warnings"]
-    if warnings:
-        lines.append(f"{len(warnings)} warning(s) raised, the first: {warnings[0]}")
-    else:
-        lines.append("No warning raised.")
-    return " ".join(lines)
 
 
 class MapMonitorCallback(TrainerCallback, ExportableState):
@@ -604,7 +314,7 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
         exported = next((values for s, values in self.history if s == self.exported_step), None)
         exported_is_base = self.exported_step == 0
         improved = (
-            None if exported is None else not exported_is_base and _better(metric, exported[metric], self.base[metric])
+            None if exported is None else not exported_is_base and better(metric, exported[metric], self.base[metric])
         )
         summary = {
             "metric": metric,
@@ -627,7 +337,3 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
         }
         summary["verdict"] = verdict_text(summary) if self.exported_step is not None else None
         return summary
-
-
-def _better(metric: str, value: float, than: float) -> bool:
-    return value > than if higher_is_better(metric) else value < than
