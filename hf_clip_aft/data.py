@@ -113,12 +113,15 @@ def find_image_column(features: datasets.Features | None, image_column: str | No
 
 
 def class_names(features: datasets.Features | None, label_column: str) -> list[str]:
-    """Class names of a `ClassLabel` column (what zero-shot prompts and the TeCoA loss need)."""
+    """Class names of a `ClassLabel` column (what zero-shot prompts and the TeCoA loss need), underscores read as
+    spaces."""
     feature = None if features is None else features.get(label_column)
     if not isinstance(feature, datasets.ClassLabel):
         raise ValueError(
             f"label_column={label_column!r} must be a ClassLabel column with class names; got {feature!r}. "
-            "Pass `class_names` explicitly."
+            "Name the classes of its integer labels: `hf-clip-aft evaluate --class_names FILE` (a UTF-8 text file, "
+            "one name per line, line i naming label i), `load_evaluation_data(..., class_names=[...])` or "
+            "`AFTTrainer(..., class_names=[...])`."
         )
     return [name.replace("_", " ") for name in feature.names]
 

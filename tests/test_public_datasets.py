@@ -3,7 +3,9 @@ segmentation from ``shijli/voc2012`` (config ``segmentation``, splits ``train``/
 string, ``image`` Image, ``mask`` Image: a palette PNG of class indices, 0 background, 1-20 the VOC classes, 255 the
 unannotated object borders). A tiny local copy with exactly that schema (shipped photos, synthetic masks) shows that
 `evaluate` refuses it as it is (no per-image class label) and runs on its single-object images once they are written
-as an imagefolder with a label column, with the mask read by the mask rules (255 unannotated, not object)."""
+as an imagefolder whose label column is the VOC class index, with VOC's class list
+(``recipes/configs/voc2012-classes.txt``) as ``--class_names``: the mask read by the mask rules (255 unannotated,
+not object) for localisation and as the same class indices for segmentation; a label outside the list is refused."""
 
 import io
 import math
@@ -25,6 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "hf_clip_aft", "assets", "tiny-clip")
 PHOTOS = os.path.join(REPO, "hf_clip_aft", "assets", "photos")
 CONFIG = os.path.join(REPO, "recipes", "configs", "evaluate-voc.yaml")
+CLASS_LIST = os.path.join(REPO, "recipes", "configs", "voc2012-classes.txt")
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -51,7 +54,13 @@ def voc_palette() -> list[int]:
 def voc_single_object_imagefolder(rows: datasets.Dataset, folder: str) -> int:
     """Write the rows of a VOC segmentation dataset (columns id, image, mask) whose mask holds exactly one object
     class as an imagefolder `evaluate` reads: the image and mask bytes as they are, and ``metadata.csv`` naming
-    each image's class (``label``) and its mask (``mask_file_name``, the ``mask`` column). Returns the rows kept."""
+    each image's class by its VOC index (``label``, the mask's value for it; read with ``--class_names
+    recipes/configs/voc2012-classes.txt``) and its mask (``mask_file_name``, the ``mask`` column). Returns the rows
+    kept. Example, for the Hub copy (then ``hf-clip-aft evaluate recipes/configs/evaluate-voc.yaml``)::
+
+        rows = datasets.load_dataset("shijli/voc2012", "segmentation", split="validation")
+        voc_single_object_imagefolder(rows, "data/voc2012-val-single")
+    """
     rows = rows.cast_column("image", datasets.Image(decode=False)).cast_column("mask", datasets.Image(decode=False))
     os.makedirs(folder, exist_ok=True)
     lines = ["file_name,mask_file_name,label"]
@@ -65,7 +74,7 @@ def voc_single_object_imagefolder(rows: datasets.Dataset, folder: str) -> int:
         for suffix, column in ((".jpg", "image"), ("_mask.png", "mask")):
             with open(os.path.join(folder, row["id"] + suffix), "wb") as file:
                 file.write(row[column]["bytes"])
-        lines.append(f"{row['id']}.jpg,{row['id']}_mask.png,{VOC_CLASSES[classes.pop()]}")
+        lines.append(f"{row['id']}.jpg,{row['id']}_mask.png,{classes.pop()}")
     with open(os.path.join(folder, "metadata.csv"), "w") as file:
         file.write("\n".join(lines) + "\n")
     return len(lines) - 1
@@ -112,6 +121,10 @@ def voc_rows() -> datasets.Dataset:
     return datasets.Dataset.from_dict(rows, features=VOC_FEATURES)
 
 
+def test_the_shipped_class_list_is_vocs_classes_in_index_order():
+    assert batches.read_class_names(CLASS_LIST) == list(VOC_CLASSES)
+
+
 def test_the_hub_schema_as_it_is_has_no_class_label_and_is_refused(voc_rows, monkeypatch):
     """The Hub copy has no per-image class: `evaluate` needs one (the prompt each map explains) and says so."""
     monkeypatch.setattr(batches, "load_image_dataset", lambda *args, **kwargs: voc_rows)
@@ -122,7 +135,8 @@ def test_the_hub_schema_as_it_is_has_no_class_label_and_is_refused(voc_rows, mon
         run_evaluation(args)
 
 
-def test_single_object_images_as_an_imagefolder_run_localisation(voc_rows, tmp_path, aft_stand_in):
+def test_single_object_images_as_an_imagefolder_run_localisation(voc_rows, tmp_path, aft_stand_in, monkeypatch):
+    monkeypatch.chdir(REPO)  # the config names the class list from the repository root
     folder = str(tmp_path / "voc2012-val-single")
     assert voc_single_object_imagefolder(voc_rows, folder) == 3  # the person-with-cat row has two classes
     output = tmp_path / "eval"
@@ -130,7 +144,8 @@ def test_single_object_images_as_an_imagefolder_run_localisation(voc_rows, tmp_p
     argv = [CONFIG, "--models", TINY, aft_stand_in, "--dataset", folder, "--output", str(output)]
     run_command("evaluate", argv + ["--batch_size", "4", "--device", "cpu", "--grid_images", "2"])
     results = load_results(output)
-    assert results["settings"]["mask_column"] == "mask" and results["settings"]["num_classes"] == 2  # cat, person
+    # VOC's 21 classes from the class list, not only the classes present (cat, person).
+    assert results["settings"]["mask_column"] == "mask" and results["settings"]["num_classes"] == 21
     assert results["settings"]["methods"] == ["simple_gradient", "gradcam"]
     values = {(r["model"], r["metric"], r["method"]): r for r in results["results"]}
     for model in (TINY, aft_stand_in):
@@ -146,6 +161,58 @@ def test_single_object_images_as_an_imagefolder_run_localisation(voc_rows, tmp_p
         )
 
 
+def test_segmentation_reads_the_masks_as_the_labels_voc_indices(voc_rows, tmp_path, aft_stand_in, monkeypatch):
+    """Labels and mask values are both VOC indices (cat 8, person 15) against the list's 21 prompts. Text labels
+    encoded over the classes present made cat 0 and person 1, and segmentation refused masks holding 8 and 15."""
+    monkeypatch.chdir(REPO)
+    folder = str(tmp_path / "voc2012-val-single")
+    voc_single_object_imagefolder(voc_rows, folder)
+    output = tmp_path / "eval"
+    argv = [CONFIG, "--models", TINY, aft_stand_in, "--dataset", folder, "--output", str(output)]
+    argv += ["--metrics", "localization", "segmentation", "--methods", "gradcam", "clip_surgery"]
+    run_command("evaluate", argv + ["--batch_size", "4", "--device", "cpu", "--grid_images", "0"])
+    results = load_results(output)
+    values = {(r["model"], r["metric"], r["method"]): r for r in results["results"]}
+    for model in (TINY, aft_stand_in):
+        miou = values[model, "miou", "clip_surgery"]
+        assert math.isfinite(miou["value"]) and 0.0 <= miou["value"] <= 1.0
+        assert miou["settings"]["num_images"] == 3  # every image's pixels counted; the edge cat's crop adds background
+        assert (model, "miou", "gradcam") not in values  # no per-class maps: skipped with a note
+        for method in ("gradcam", "clip_surgery"):
+            assert values[model, "pointing_game", method]["settings"]["num_images"] == 2
+    assert any(note.startswith("segmentation skipped for gradcam") for note in results["settings"]["notes"])
+
+
+def test_text_labels_take_their_index_in_the_class_list(voc_rows, tmp_path):
+    """The colleague's first layout (class names in metadata.csv) gives the same VOC indices with the class list."""
+    folder = tmp_path / "voc2012-val-single"
+    voc_single_object_imagefolder(voc_rows, str(folder))
+    metadata = folder / "metadata.csv"
+    rows = [line.split(",") for line in metadata.read_text().split()[1:]]
+    named = [f"{image},{mask},{VOC_CLASSES[int(label)]}" for image, mask, label in rows]
+    metadata.write_text("\n".join(["file_name,mask_file_name,label", *named]) + "\n")
+    data = batches.load_evaluation_data(str(folder), split="train", class_names=VOC_CLASSES)
+    labels = dict(zip((os.path.basename(v["path"]) for v in data.dataset["image"]), data.dataset["label"]))
+    assert labels == {"2007_cat.jpg": 8, "2007_person.jpg": 15, "2007_cat_edge.jpg": 8}
+    assert data.class_names == list(VOC_CLASSES)
+
+
+def test_a_label_outside_the_class_list_is_refused_naming_it(voc_rows, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    folder = tmp_path / "voc2012-val-single"
+    voc_single_object_imagefolder(voc_rows, str(folder))
+    metadata = folder / "metadata.csv"
+    text = metadata.read_text()
+    assert "2007_person_mask.png,15\n" in text
+    metadata.write_text(text.replace("2007_person_mask.png,15\n", "2007_person_mask.png,21\n"))
+    (args,) = parse_args(ARGUMENTS, [CONFIG, "--models", TINY, "--dataset", str(folder), "--device", "cpu"])
+    expected = r"The label 21 of row \d \(.*2007_person\.jpg\) is outside \[0, 21\): class_names has 21 names"
+    with pytest.raises(ValueError, match=expected):
+        run_evaluation(args)
+
+
 def test_the_example_config_parses():
     (parsed,) = parse_args(ARGUMENTS, [CONFIG])
     assert parsed.metric_groups() == ["localization"] and parsed.mask_column == "mask"
+    assert parsed.class_names == "recipes/configs/voc2012-classes.txt"
+    assert os.path.samefile(os.path.join(REPO, parsed.class_names), CLASS_LIST)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..data import class_names as label_names
 from ..data import (
-    class_names,
     find_image_column,
     images_to_pixels,
     load_image_dataset,
@@ -63,6 +63,105 @@ def find_mask_column(features: datasets.Features, image_column: str, mask_column
     return None
 
 
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """The class names listed in a UTF-8 text file, one per line: line i + 1 names class index i. Each line is
+    stripped of surrounding white space; blank lines at the end are ignored; the names are checked
+    (:func:`check_class_names`)."""
+    try:
+        with open(path, encoding="utf-8-sig") as file:
+            text = file.read()
+    except OSError as error:
+        raise ValueError(
+            f"class_names={os.fspath(path)!r} cannot be read ({error.strerror}); give a UTF-8 text file with one "
+            "class name per line, e.g. recipes/configs/voc2012-classes.txt."
+        ) from error
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"class_names={os.fspath(path)!r} is not UTF-8 text ({error.reason} at byte {error.start}); save it as "
+            "UTF-8."
+        ) from error
+    names = [line.strip() for line in text.rstrip().splitlines()]
+    return check_class_names(names, f"{os.fspath(path)} (line i + 1 names class i)")
+
+
+def check_class_names(names: Sequence[str], source: str = "class_names") -> list[str]:
+    """`names` as a list, refused (ValueError naming `source`) when empty, or when a name is empty or repeated
+    (each class index needs its own prompt)."""
+    names = list(names)
+    if not names:
+        raise ValueError(f"{source} names no class; list at least one class name.")
+    first: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"Class {index} of {source} is {name!r}; every class index needs a non-empty name.")
+        if name in first:
+            raise ValueError(
+                f"{source} names {name!r} twice (classes {first[name]} and {index}); each class needs its own name."
+            )
+        first[name] = index
+    return names
+
+
+def _holds_text(feature: Any) -> bool:
+    """Whether a column's feature is a plain text value (class names written out, as in a metadata.csv)."""
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def _row_name(dataset: datasets.Dataset, image_column: str, row: int) -> str:
+    """'row N (its image file)', for messages."""
+    return f"row {row}{_source(dataset.with_format('arrow')[row][image_column][0].as_py())}"
+
+
+def with_class_names(
+    dataset: datasets.Dataset, label_column: str, names: Sequence[str], image_column: str
+) -> datasets.Dataset:
+    """`dataset` with its label column a `ClassLabel` of `names` (label i is ``names[i]``), every row checked.
+
+    Integer labels must lie in ``[0, len(names))``; string labels must be one of `names` (exactly as written) and
+    become its index; a `ClassLabel` column must already have exactly these names, in this order (another list
+    would silently relabel its classes). A row that breaks the rule, or has no label, is an error naming it.
+    """
+    names = check_class_names(names)
+    feature = dataset.features.get(label_column)
+    if isinstance(feature, datasets.ClassLabel):
+        if feature.names != names:
+            index = next((i for i, pair in enumerate(zip(feature.names, names)) if pair[0] != pair[1]), None)
+            where = (
+                f"class {index} is {feature.names[index]!r} in the column, {names[index]!r} in class_names"
+                if index is not None
+                else f"the column has {len(feature.names)} classes, class_names {len(names)}"
+            )
+            raise ValueError(
+                f"label_column={label_column!r} is a ClassLabel whose names differ from class_names ({where}). "
+                "Omit class_names to use the column's names, or list exactly those names in their order."
+            )
+        return dataset
+    strings = _holds_text(feature)
+    if not (strings or (isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")))):
+        raise ValueError(
+            f"label_column={label_column!r} must hold integer class indices or class names to use class_names; got "
+            f"{feature!r} (columns: {list(dataset.features)})."
+        )
+    positions = {name: index for index, name in enumerate(names)}
+    values = dataset.with_format("arrow")[label_column].to_pylist()
+    for row, value in enumerate(values):
+        if value is None:
+            raise ValueError(f"The label of {_row_name(dataset, image_column, row)} is missing; give every row one.")
+        if strings and value not in positions:
+            raise ValueError(
+                f"The label {value!r} of {_row_name(dataset, image_column, row)} is not in class_names ({len(names)} "
+                f"names: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); a text label must be one of "
+                "them, exactly as written."
+            )
+        if not strings and not 0 <= value < len(names):
+            raise ValueError(
+                f"The label {value} of {_row_name(dataset, image_column, row)} is outside [0, {len(names)}): "
+                f"class_names has {len(names)} names, so integer labels are 0..{len(names) - 1}. Fix that label, or "
+                "the class list if it lacks classes."
+            )
+    return dataset.cast_column(label_column, datasets.ClassLabel(names=names))
+
+
 def load_evaluation_data(
     name_or_path: str,
     config_name: str | None = None,
@@ -72,24 +171,26 @@ def load_evaluation_data(
     image_column: str | None = None,
     label_column: str = "label",
     mask_column: str | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> EvaluationData:
     """Load a labelled image dataset (Hub id or local imagefolder) and resolve its columns.
 
-    The label column must be a `ClassLabel` or hold the class names as strings (encoded here, in sorted order).
-    With `limit`, a seeded random subset of `limit` images is kept (so a small run still spans the classes). The
-    mask column is `mask_column` if given, else the first Image column named one of :data:`MASK_COLUMN_NAMES`, else
-    none (localisation metrics are then skipped).
+    The label column must be a `ClassLabel` or hold the class names as strings (encoded here, the classes present
+    in sorted order); with `class_names` (label i is ``class_names[i]``), it may also hold integer class indices,
+    and string labels take their index in that list (:func:`with_class_names`). Class masks for segmentation hold
+    the same indices. With `limit`, a seeded random subset of `limit` images is kept (so a small run still spans
+    the classes). The mask column is `mask_column` if given, else the first Image column named one of
+    :data:`MASK_COLUMN_NAMES`, else none (localisation metrics are then skipped).
     """
     dataset = load_image_dataset(name_or_path, config_name, split=split)
-    if isinstance(dataset.features.get(label_column), datasets.Value) and dataset.features[label_column].dtype in (
-        "string",
-        "large_string",
-    ):
+    image_column = find_image_column(dataset.features, image_column)
+    if class_names is not None:
+        dataset = with_class_names(dataset, label_column, class_names, image_column)
+    elif _holds_text(dataset.features.get(label_column)):
         # Class names given as text (e.g. an imagefolder metadata.csv): encode them, classes in sorted order.
         dataset = dataset.class_encode_column(label_column)
     features = dataset.features
-    image_column = find_image_column(features, image_column)
-    names = class_names(features, label_column)
+    names = label_names(features, label_column)
     mask_column = find_mask_column(features, image_column, mask_column)
     if limit is not None:
         if limit < 1:

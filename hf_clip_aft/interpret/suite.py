@@ -27,7 +27,14 @@ from ..modeling import EmbedFn, embed_fn
 # the arguments' help and choices list them whichever module was imported first.
 from . import scorers as _scorers  # noqa: F401
 from . import surgery as _surgery  # noqa: F401
-from .batches import Batch, EvaluationData, iterate_batches, load_evaluation_data, localisation_masks
+from .batches import (
+    Batch,
+    EvaluationData,
+    iterate_batches,
+    load_evaluation_data,
+    localisation_masks,
+    read_class_names,
+)
 from .figures import saliency_grid
 from .registry import MAP_METHODS, SCORERS, BatchContext, RunContext, Score, Scorer, metric_groups, result_entry
 from .results import results_document, save_results, save_summary
@@ -86,7 +93,7 @@ class EvaluationArguments:
         default_factory=list,
         metadata={"help": "CLIPModel folders or Hub ids, base model first, AFT model last."},
     )
-    dataset: str = field(default="", metadata={"help": "Hub dataset id or local imagefolder with a ClassLabel column."})
+    dataset: str = field(default="", metadata={"help": "Hub dataset id or local imagefolder with a label column."})
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
     split: str = field(default="test", metadata={"help": "Dataset split."})
     output: str = field(default="eval", metadata={"help": "Output folder for results.json, summary.md, the grid."})
@@ -103,7 +110,21 @@ class EvaluationArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the subset, SmoothGrad noise, PGD starts, ROAR split."})
     device: str | None = field(default=None, metadata={"help": "Torch device; default: accelerate's (GPU if any)."})
     image_column: str | None = field(default=None, metadata={"help": "Image column; default: the first Image one."})
-    label_column: str = field(default="label", metadata={"help": "ClassLabel column with the class names."})
+    label_column: str = field(
+        default="label",
+        metadata={"help": "Label column: a ClassLabel, class names as text, or (with --class_names) class indices."},
+    )
+    class_names: str | None = field(
+        default=None,
+        metadata={
+            "help": "UTF-8 text file of the class names, one per line, line i + 1 naming class index i, e.g. "
+            "--class_names recipes/configs/voc2012-classes.txt (Pascal VOC's 21, background first). The label column "
+            "then holds integer indices into this list (each must lie in [0, number of names)) or names from it "
+            "(each mapped to its index), and class masks for segmentation hold the same indices; a ClassLabel "
+            "column must have exactly these names in this order. Underscores read as spaces in the prompts. "
+            "Default: the ClassLabel's names, or text labels encoded in sorted order (classes present only)."
+        },
+    )
     mask_column: str | None = field(
         default=None, metadata={"help": "Object-mask column; default: an Image column named mask/segmentation."}
     )
@@ -194,6 +215,13 @@ class EvaluationArguments:
             raise ValueError(f"target={self.target!r} is not one of {TARGETS}.")
         if len(set(self.models)) != len(self.models):
             raise ValueError(f"models={self.models} names a model twice; give each model once.")
+        if self.class_names is not None:
+            if self.zero_shot_preset is not None:
+                raise ValueError(
+                    f"class_names={self.class_names!r} names the classes of --dataset, but zero_shot_preset="
+                    f"{self.zero_shot_preset!r} evaluates the preset's datasets with their own classes; drop one."
+                )
+            read_class_names(self.class_names)
         self.saliency_methods()  # validates metrics and methods
 
 
@@ -270,6 +298,7 @@ def _load_data(args: EvaluationArguments) -> EvaluationData:
         args.image_column,
         args.label_column,
         args.mask_column,
+        None if args.class_names is None else read_class_names(args.class_names),
     )
 
 
