@@ -7,14 +7,17 @@ import os
 import subprocess
 import sys
 
+import datasets
 import evaluate
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from hf_clip_aft.data import class_names
 from hf_clip_aft.interpret import evaluate_module_path
 from hf_clip_aft.interpret import suite as suite_module
+from hf_clip_aft.interpret.batches import read_class_names, with_class_names
 from hf_clip_aft.interpret.metrics import energy_pointing_game, gini_index, pointing_game, top_fraction_iou
 from hf_clip_aft.interpret.results import load_results, summary_markdown, validate_results
 from hf_clip_aft.interpret.suite import EvaluationArguments, evaluate_models, run_evaluation
@@ -167,6 +170,74 @@ def test_bad_arguments_fail_before_loading_anything():
         EvaluationArguments(models=[TINY], dataset=PHOTOS, methods=["lime"]).check()
     with pytest.raises(ValueError, match="twice"):
         EvaluationArguments(models=[TINY, TINY], dataset=PHOTOS).check()
+
+
+def test_class_names_are_checked_before_loading_anything(tmp_path):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("background\ncat\n", encoding="utf-8")
+    EvaluationArguments(models=[TINY], dataset=PHOTOS, class_names=str(classes)).check()
+    with pytest.raises(ValueError, match="class_names='.*missing.txt' cannot be read"):
+        EvaluationArguments(models=[TINY], dataset=PHOTOS, class_names=str(tmp_path / "missing.txt")).check()
+    with pytest.raises(ValueError, match="zero_shot_preset='aft-zero-shot-15' evaluates the preset's datasets"):
+        EvaluationArguments(models=[TINY], zero_shot_preset="aft-zero-shot-15", class_names=str(classes)).check()
+
+
+def test_a_class_list_file_is_one_name_per_line(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_bytes("\ufeffbackground\r\n  golden_retriever \ncaf\u00e9\n\n\n".encode())  # BOM, CRLF, blank end
+    assert read_class_names(path) == ["background", "golden_retriever", "caf\u00e9"]
+    for text, message in [
+        ("cat\n\ndog\n", r"Class 1 of .*classes.txt \(line i \+ 1 names class i\) is ''"),
+        ("cat\ndog\ncat\n", r"names 'cat' twice \(classes 0 and 2\)"),
+        ("\n\n", "names no class"),
+    ]:
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(ValueError, match=message):
+            read_class_names(path)
+    path.write_bytes(b"caf\xe9\n")  # Latin-1
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        read_class_names(path)
+
+
+def _labelled(labels, feature) -> datasets.Dataset:
+    """Rows with an undecoded image column (its paths name the rows in messages) and the given label column."""
+    images = [{"bytes": b"", "path": f"photos/{i}.png"} for i in range(len(labels))]
+    features = datasets.Features({"image": datasets.Image(decode=False), "label": feature})
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+def test_class_names_index_integer_labels_and_map_text_labels():
+    names = ["background", "cat", "dog"]
+    for labels, feature in [
+        ([2, 0, 1], datasets.Value("int32")),
+        (["dog", "background", "cat"], datasets.Value("string")),
+    ]:
+        dataset = with_class_names(_labelled(labels, feature), "label", names, "image")
+        assert dataset.features["label"] == datasets.ClassLabel(names=names) and dataset["label"][:] == [2, 0, 1]
+    for label in (3, -1):
+        with pytest.raises(ValueError, match=rf"The label {label} of row 1 \(photos/1.png\) is outside \[0, 3\)"):
+            with_class_names(_labelled([0, label], datasets.Value("int64")), "label", names, "image")
+    with pytest.raises(ValueError, match=r"The label 'horse' of row 1 \(photos/1.png\) is not in class_names"):
+        with_class_names(_labelled(["cat", "horse"], datasets.Value("string")), "label", names, "image")
+    with pytest.raises(ValueError, match=r"The label of row 0 \(photos/0.png\) is missing"):
+        with_class_names(_labelled([None, 1], datasets.Value("int64")), "label", names, "image")
+    with pytest.raises(ValueError, match="must hold integer class indices or class names"):
+        with_class_names(_labelled([0.0, 1.0], datasets.Value("float32")), "label", names, "image")
+
+
+def test_a_class_label_column_must_carry_the_class_names():
+    names = ["background", "cat", "dog"]
+    labelled = _labelled([2, 0], datasets.ClassLabel(names=names))
+    assert with_class_names(labelled, "label", names, "image") is labelled
+    with pytest.raises(ValueError, match="class 1 is 'cat' in the column, 'kitten' in class_names"):
+        with_class_names(labelled, "label", ["background", "kitten", "dog"], "image")
+    with pytest.raises(ValueError, match="the column has 3 classes, class_names 4"):
+        with_class_names(labelled, "label", [*names, "horse"], "image")
+
+
+def test_integer_labels_without_class_names_name_the_option():
+    with pytest.raises(ValueError, match="must be a ClassLabel column.*`hf-clip-aft evaluate --class_names FILE`"):
+        class_names(datasets.Features({"label": datasets.Value("int32")}), "label")
 
 
 def _valid_results():
