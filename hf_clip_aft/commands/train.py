@@ -99,7 +99,12 @@ class MonitorArguments:
             "help": "Object-mask column (localisation metrics); default: an Image column named mask/segmentation."
         },
     )
-    monitor_method: str = field(default="simple_gradient", metadata={"help": "Map method (a registered name)."})
+    monitor_method: str = field(
+        default="simple_gradient",
+        metadata={
+            "help": "Map method (any registered name; clip_surgery needs the checkpoint's tokenizer and text tower)."
+        },
+    )
     monitor_max_images: int = field(default=64, metadata={"help": "Held-out images measured (the first ones)."})
     monitor_guard_metric: str | None = field(
         default=None,
@@ -139,12 +144,14 @@ class MonitorArguments:
 
 def monitor_callback(script_args: ScriptArguments, monitor_args: MonitorArguments, training_args: AFTConfig, held_out):
     """The map monitor on `held_out`, with the base checkpoint as f0, as a callback for the trainer (zero-shot
-    accuracy too when `held_out` has class labels and the checkpoint a text tower)."""
+    accuracy too when `held_out` has class labels and the checkpoint a text tower; the empty prompt's text embedding
+    when the map method needs it, e.g. ``clip_surgery``)."""
     from transformers import CLIPModel
 
     from hf_clip_aft.data import class_names, clip_image_processor, load_processor
     from hf_clip_aft.interpret.batches import find_mask_column
-    from hf_clip_aft.interpret.monitor import MapMonitor, MapMonitorCallback
+    from hf_clip_aft.interpret.monitor import MapMonitor, MapMonitorCallback, needs_empty_prompt
+    from hf_clip_aft.interpret.surgery import empty_prompt_embedding
     from hf_clip_aft.modeling import class_text_embeddings, load_vision_tower
 
     device = training_args.device
@@ -155,13 +162,18 @@ def monitor_callback(script_args: ScriptArguments, monitor_args: MonitorArgument
         processor = load_processor(script_args.model_name_or_path)
     except (OSError, ValueError):  # as the trainer does: CLIP's default processor at the model's size
         processor = clip_image_processor(base.config.image_size)
-    label_column, class_embeds = None, None
+    label_column, class_embeds, empty_prompt = None, None, None
     labelled = isinstance(held_out.features.get(script_args.label_column), datasets.ClassLabel)
-    if labelled and getattr(processor, "tokenizer", None) is not None:
+    empty_prompt_needed = needs_empty_prompt(monitor_args.monitor_method)
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None and (labelled or empty_prompt_needed):
         clip = CLIPModel.from_pretrained(script_args.model_name_or_path).to(device).eval()
-        names = class_names(held_out.features, script_args.label_column)
-        class_embeds = class_text_embeddings(clip, processor.tokenizer, names).cpu()
-        label_column = script_args.label_column
+        if labelled:
+            names = class_names(held_out.features, script_args.label_column)
+            class_embeds = class_text_embeddings(clip, tokenizer, names).cpu()
+            label_column = script_args.label_column
+        if empty_prompt_needed:  # with the class prompts' templates (the default of both)
+            empty_prompt = empty_prompt_embedding(clip, tokenizer).cpu()
         del clip
     monitor = MapMonitor.from_dataset(
         base,
@@ -172,6 +184,7 @@ def monitor_callback(script_args: ScriptArguments, monitor_args: MonitorArgument
         label_column=label_column,
         class_embeds=class_embeds,
         settings=monitor_args.settings(training_args.per_device_eval_batch_size),
+        empty_prompt_embeds=empty_prompt,
     )
     return MapMonitorCallback(monitor, monitor_steps=monitor_args.monitor_steps)
 
