@@ -1,13 +1,13 @@
-"""Every experiment number that README.md and docs/*.md quote, computed from the experiment's results file.
+"""Every experiment and benchmark number that README.md and docs/*.md quote, computed from its results file.
 
     python -m experiments.readme_numbers        # (or python experiments/readme_numbers.py) each claim, its source
 
 A claim is the exact text a page quotes (numbers with a few words around them, so that a number is checked where it
 is used), the results file it comes from and the fields it is computed from. ``tests/test_readme_numbers.py``
 checks that each claim's text appears in each of its pages: :data:`DOCS` (README.md or any docs/*.md page, whichever
-holds it) and/or an experiment's RESULTS.md. When a rerun changes a results file, the test names the claims whose
-text the pages must now quote. Pages are compared after :func:`normalise`: line breaks, bold markers and
-block-quote markers do not count.
+holds it) and/or an experiment's or the benchmarks' RESULTS.md. When a rerun changes a results file, the test names
+the claims whose text the pages must now quote. Pages are compared after :func:`normalise`: line breaks, bold
+markers and block-quote markers do not count.
 """
 
 from __future__ import annotations
@@ -31,6 +31,16 @@ DISSECTION_DEMO = "experiments/dissection/demo/results.json"
 CHEAPER = "experiments/cheaper_aft/results/summary.json"
 LAPTOP_MD, WHEN_MD = "experiments/laptop_scale/RESULTS.md", "experiments/when_aft_helps/RESULTS.md"
 DISSECTION_MD, CHEAPER_MD = "experiments/dissection/RESULTS.md", "experiments/cheaper_aft/RESULTS.md"
+# benchmarks/aft_step.py's ViT-B/16 runs: the quiet library/naive run, bf16, activation checkpointing, the run under
+# load, the attack schedules.
+STEP_FP32 = "benchmarks/results/vit-b-16-fp32-repeat.json"
+STEP_FP32_LOADED = "benchmarks/results/vit-b-16-fp32.json"
+STEP_BF16 = "benchmarks/results/vit-b-16-bf16-repeat.json"
+STEP_CHECKPOINTING = "benchmarks/results/vit-b-16-fp32-ckpt.json"
+SCHEDULES = "benchmarks/results/schedules_vit-b-16.json"
+BENCHMARKS_MD = "benchmarks/RESULTS.md"
+# The paper's run: 2 epochs of ImageNet-1k's training set (images).
+PAPER_IMAGES = 2 * 1_281_167
 
 # The dissection demo table's rows: CLIP-Dissect's headline numbers.
 DEMO_KEYS = ("labelled_fraction", "unique_concepts", "mean_best_similarity")
@@ -259,6 +269,108 @@ def cheaper_aft_claims() -> list[Claim]:
     ]
 
 
+def step_row(relative: str, **setting: Any) -> dict[str, Any]:
+    """The one row of the benchmark file `relative` whose setting has the given values."""
+    rows = [row for row in results_file(relative)["results"] if setting.items() <= row["setting"].items()]
+    if len(rows) != 1:
+        raise ValueError(f"{relative} has {len(rows)} rows with setting {setting}, not one: rerun its benchmark.")
+    return rows[0]
+
+
+def aft_step_claims() -> list[Claim]:
+    """ViT-B/16, batch 4, K = 10 (benchmarks/aft_step.py): the step's FLOPs, the paper run's, library vs naive."""
+    library, naive = step_row(STEP_FP32, path="library"), step_row(STEP_FP32, path="naive")
+    precompute, bf16 = step_row(STEP_FP32, path="library-precompute"), step_row(STEP_BF16, path="library")
+    checkpointing = step_row(STEP_CHECKPOINTING, path="library", activation_checkpointing=True)
+    plain = [library["step_s"], step_row(STEP_FP32_LOADED, path="library")["step_s"]]
+    setting = library["setting"]
+    equivalents, forward = library["forward_equivalents_per_image"], library["forward_gflop_per_image"]
+    gflop = library["step_gflop"] / setting["batch_size"]
+    fe = "results[library].forward_equivalents_per_image"
+    return [
+        Claim(
+            f"2K + {equivalents - 2 * setting['attack_steps']:.1f} forward-equivalents",
+            STEP_FP32,
+            f"{fe} − 2 setting.attack_steps",
+        ),
+        Claim(
+            f"{equivalents:.1f} × {forward:.1f} GFLOP ≈ {gflop:.0f} GFLOP per image",
+            STEP_FP32,
+            f"{fe}; forward_gflop_per_image; step_gflop / setting.batch_size",
+        ),
+        Claim(
+            f"({PAPER_IMAGES / 1e6:.2f} M images) are about {gflop * 1e9 * PAPER_IMAGES / 1e18:.1f}e18 FLOP",
+            STEP_FP32,
+            "results[library].step_gflop / setting.batch_size × 2 epochs × 1,281,167 images",
+        ),
+        Claim(
+            f"{equivalents:.2f} × {forward / 2:.2f} = {gflop / 2:.0f} GMAC ≈ {gflop:.0f} GFLOP per image",
+            STEP_FP32,
+            f"{fe}; forward_gflop_per_image / 2; step_gflop / setting.batch_size",
+            (BENCHMARKS_MD,),
+        ),
+        Claim(
+            f"{naive['step_s'] / library['step_s']:.2f}× the naive speed "
+            f"({naive['step_s'] / precompute['step_s']:.2f}× with `precompute_ref_embeddings: true`)",
+            STEP_FP32,
+            "results[naive].step_s / results[library, library-precompute].step_s",
+        ),
+        Claim(
+            f"({library['step_peak_mib']:.0f} vs {naive['step_peak_mib']:.0f} MiB)",
+            STEP_FP32,
+            "results[library, naive].step_peak_mib",
+        ),
+        Claim(
+            f"`bf16: true` is {naive['step_s'] / bf16['step_s']:.2f}× the naive fp32 step",
+            f"{STEP_FP32}, {STEP_BF16}",
+            "results[naive].step_s / results[library, bf16].step_s",
+        ),
+        *(
+            Claim(
+                f"{row['step_s'] / naive['step_s']:.3f} ({naive['step_s'] / row['step_s']:.2f}×)",
+                source,
+                f"results[{name}].step_s / results[naive].step_s",
+                (BENCHMARKS_MD,),
+            )
+            for name, row, source in (
+                ("library", library, STEP_FP32),
+                ("library-precompute", precompute, STEP_FP32),
+                ("library, bf16", bf16, f"{STEP_FP32}, {STEP_BF16}"),
+            )
+        ),
+        Claim(
+            f"{checkpointing['step_s'] / max(plain) - 1:+.0%} to {checkpointing['step_s'] / min(plain) - 1:+.0%} "
+            f"time for {1 - checkpointing['step_peak_mib'] / library['step_peak_mib']:.0%} less step memory",
+            f"{STEP_CHECKPOINTING}, {STEP_FP32}, {STEP_FP32_LOADED}",
+            "results[activation_checkpointing].step_s / results[library].step_s of both fp32 runs; step_peak_mib",
+        ),
+        Claim(
+            f"against {equivalents:.1f} per training image",
+            STEP_FP32,
+            fe,
+        ),
+    ]
+
+
+def schedule_claims() -> list[Claim]:
+    """The attack schedules' forward-equivalents per image-step (ViT-B/16, FlopCounterMode): docs/performance.md's
+    table."""
+
+    def equivalents(schedule: str) -> str:
+        return f"{step_row(SCHEDULES, schedule=schedule)['forward_equivalents_per_image']:.2f}"
+
+    field = "results[schedule={}].forward_equivalents_per_image"
+    pgd_steps = step_row(SCHEDULES, schedule="pgd")["setting"]["attack_steps"]
+    carry_steps = step_row(SCHEDULES, schedule="carry")["setting"]["attack_steps"]
+    return [
+        Claim(f"| {equivalents('pgd')} at K = {pgd_steps} |", SCHEDULES, field.format("pgd")),
+        Claim(f"| {equivalents('pgd_early_stop')} on a random tower;", SCHEDULES, field.format("pgd_early_stop")),
+        Claim(f"| Wong et al. 2020 | {equivalents('fgsm_rs')} |", SCHEDULES, field.format("fgsm_rs")),
+        Claim(f"| {equivalents('free')} per optimiser step |", SCHEDULES, field.format("free")),
+        Claim(f"({equivalents('carry')} at K = {carry_steps})", SCHEDULES, field.format("carry")),
+    ]
+
+
 def claims() -> list[Claim]:
     """Every claim, experiment by experiment."""
     return [
@@ -268,6 +380,8 @@ def claims() -> list[Claim]:
         *llava_maps_claims(),
         *dissection_claims(),
         *cheaper_aft_claims(),
+        *aft_step_claims(),
+        *schedule_claims(),
     ]
 
 

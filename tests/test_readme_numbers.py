@@ -1,4 +1,5 @@
-"""Every experiment number that README.md, docs/*.md and the experiments' RESULTS.md quote is the results file's.
+"""Every experiment and benchmark number that README.md, docs/*.md and the RESULTS.md pages quote is its results
+file's.
 
 The claims (text, source file, fields) are computed by experiments/readme_numbers.py; `python -m
 experiments.readme_numbers` prints them with the pages that quote them.
@@ -32,6 +33,7 @@ def test_every_experiment_is_covered_and_every_page_is_searched():
         assert path in sources
     assert any(readme_numbers.MONITOR in source for source in sources)
     assert {readme_numbers.DISSECTION, readme_numbers.DISSECTION_DEMO} <= sources
+    assert {readme_numbers.STEP_FP32, readme_numbers.SCHEDULES} <= sources
     assert "README.md" in PAGES and all(name.endswith(".md") for name in PAGES)
 
 
