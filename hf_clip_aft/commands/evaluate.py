@@ -9,6 +9,10 @@ and eval/saliency_grid.png (rows: images; columns: the image, then each model's 
     python recipes/evaluate.py --models hf_clip_aft/assets/tiny-clip outputs/demo \
         --dataset hf_clip_aft/assets/photos --split train --limit 8 --output outputs/eval-demo/
     hf-clip-aft evaluate recipes/configs/evaluate.yaml
+
+A label column of integer class indices (e.g. Pascal VOC's, with masks of the same indices) needs its class list,
+one name per line: ``--class_names recipes/configs/voc2012-classes.txt``, as in
+``hf-clip-aft evaluate recipes/configs/evaluate-voc.yaml``.
 """
 
 from __future__ import annotations
