@@ -67,3 +67,37 @@ def test_toy_job_runs_controls_and_guard_and_reports_rows(one_thread):
     (cell,) = run.summarise([row])
     assert cell["seeds"] == [0] and cell["verdict"] == run.verdict(row["delta_epg"])
     assert "| smoke | 0.001 | 8 | 0 |" in run.table_markdown([cell])
+
+
+collapse = importlib.import_module("collapse_world")
+
+
+def test_bunching_of_planted_embeddings():
+    same = torch.nn.functional.normalize(torch.ones(4, 3), dim=-1)
+    assert collapse.bunching(same) == pytest.approx(
+        {"mean_pairwise_cosine": 1.0, "cosine_to_mean_direction": 1.0, "constant_encoder_fare_loss": 0.0}, abs=1e-6
+    )
+    opposite = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    numbers = collapse.bunching(opposite[:2])
+    assert numbers["mean_pairwise_cosine"] == pytest.approx(-1.0)
+    # Two orthogonal unit vectors: the mean direction is at 45° to each, so a constant encoder costs 2 − 2 cos 45°.
+    numbers = collapse.bunching(torch.eye(2))
+    assert numbers["cosine_to_mean_direction"] == pytest.approx(2**-0.5)
+    assert numbers["constant_encoder_fare_loss"] == pytest.approx(2 - 2**0.5)
+
+
+def test_collapse_world_smoke_writes_base_and_both_monitored_runs(tmp_path, one_thread):
+    report = collapse.main(["--smoke", "--output", str(tmp_path)])
+    (job,) = report["jobs"].values()
+    assert set(job["runs"]) == {"aft_no_stop", "aft_monitored"}
+    assert 0 < job["mask_share"] < 1 and -1 <= job["base"]["mean_pairwise_cosine"] <= 1
+    no_stop = job["runs"]["aft_no_stop"]
+    assert (
+        no_stop["steps_trained"] == collapse.SMOKE_FINETUNE.steps
+        and no_stop["monitor_settings"]["stop_after_collapses"] == 0
+    )
+    assert job["runs"]["aft_monitored"]["monitor_settings"]["stop_after_collapses"] == 2
+    for run in job["runs"].values():
+        evaluation = run["training_evaluation"]
+        assert evaluation["verdict"].startswith("Map monitor verdict") and evaluation["history"][0]["step"] == 0
+    assert (tmp_path / "results.json").exists()

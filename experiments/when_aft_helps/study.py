@@ -83,13 +83,28 @@ def _world(
     clutter_items: tuple[int, int] = (12, 20),
     train_size: int = 1200,
     eval_size: int = 150,
+    image_size: int = 32,
+    object_size: tuple[int, int] = (12, 18),
+    logit_scale: float = 10.0,
 ) -> ExperimentConfig:
-    """A 32-pixel world: 6 classes, 12-18 px objects, one tower (width 64, 4 layers), pre-training at batch 64."""
+    """A world of 6 classes: `image_size`-pixel scenes (32 by default, objects 12-18 px), one tower (width 64,
+    4 layers; ``(image_size / patch)²`` tokens), pre-training at batch 64 with cosine logits scaled by `logit_scale`
+    (the inverse temperature). The stripe period scales with the image, so a 64-px scene is a 32-px one drawn finer."""
     return ExperimentConfig(
-        scenes=SceneSpec(class_cue=class_cue, clutter_items=clutter_items),
-        tower=TowerSpec(patch_size=patch),
+        scenes=SceneSpec(
+            image_size=image_size,
+            object_size=object_size,
+            clutter_items=clutter_items,
+            stripe_period=4.0 * image_size / 32,
+            class_cue=class_cue,
+        ),
+        tower=TowerSpec(image_size=image_size, patch_size=patch),
         pretrain=PretrainSpec(
-            steps=pretrain_steps, batch_size=64, warmup=min(100, pretrain_steps // 10), noise_std=noise_std
+            steps=pretrain_steps,
+            batch_size=64,
+            warmup=min(100, pretrain_steps // 10),
+            noise_std=noise_std,
+            logit_scale=logit_scale,
         ),
         train_size=train_size,
         eval_size=eval_size,
