@@ -159,7 +159,10 @@ def with_class_names(
                 f"class_names has {len(names)} names, so integer labels are 0..{len(names) - 1}. Fix that label, or "
                 "the class list if it lacks classes."
             )
-    return dataset.cast_column(label_column, datasets.ClassLabel(names=names))
+    indices = [positions[value] for value in values] if strings else values
+    # A new column, not a cast: casting rewrites every row, image bytes included.
+    feature = datasets.ClassLabel(names=names)
+    return dataset.remove_columns(label_column).add_column(label_column, indices, feature=feature)
 
 
 def load_evaluation_data(
