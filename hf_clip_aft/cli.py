@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "push": "hf_clip_aft.commands.push",
     "llava": "hf_clip_aft.commands.llava",
     "convert": "hf_clip_aft.commands.convert",
+    "prepare_voc": "hf_clip_aft.commands.prepare_voc",
     "llava_explain": "hf_clip_aft.commands.llava_explain",
     "dissect": "hf_clip_aft.commands.dissect",
     "app": "hf_clip_aft.commands.app",

@@ -17,8 +17,9 @@ import pytest
 from PIL import Image
 
 from hf_clip_aft.cli import parse_args, run_command
+from hf_clip_aft.commands import prepare_voc
 from hf_clip_aft.commands.evaluate import ARGUMENTS
-from hf_clip_aft.data import read_image
+from hf_clip_aft.commands.prepare_voc import VOC_BORDER, write_single_object_folder
 from hf_clip_aft.interpret import batches
 from hf_clip_aft.interpret.results import load_results
 from hf_clip_aft.interpret.suite import EvaluationArguments, run_evaluation
@@ -33,7 +34,6 @@ VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
-BORDER = 255  # VOC's unannotated border label
 # shijli/voc2012, config "segmentation" (https://huggingface.co/datasets/shijli/voc2012)
 VOC_FEATURES = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(), "mask": datasets.Image()})
 
@@ -51,35 +51,6 @@ def voc_palette() -> list[int]:
     return palette
 
 
-def voc_single_object_imagefolder(rows: datasets.Dataset, folder: str) -> int:
-    """Write the rows of a VOC segmentation dataset (columns id, image, mask) whose mask holds exactly one object
-    class as an imagefolder `evaluate` reads: the image and mask bytes as they are, and ``metadata.csv`` naming
-    each image's class by its VOC index (``label``, the mask's value for it; read with ``--class_names
-    recipes/configs/voc2012-classes.txt``) and its mask (``mask_file_name``, the ``mask`` column). Returns the rows
-    kept. Example, for the Hub copy (then ``hf-clip-aft evaluate recipes/configs/evaluate-voc.yaml``)::
-
-        rows = datasets.load_dataset("shijli/voc2012", "segmentation", split="validation")
-        voc_single_object_imagefolder(rows, "data/voc2012-val-single")
-    """
-    rows = rows.cast_column("image", datasets.Image(decode=False)).cast_column("mask", datasets.Image(decode=False))
-    os.makedirs(folder, exist_ok=True)
-    lines = ["file_name,mask_file_name,label"]
-    for row in rows:
-        mask = read_image(row["mask"])
-        if mask.mode != "P":
-            raise ValueError(f"The mask of {row['id']} is mode {mask.mode}; VOC masks are palette PNGs of indices.")
-        classes = set(np.unique(np.asarray(mask)).tolist()) - {0, BORDER}
-        if len(classes) != 1:  # the label is the class whose prompt the maps explain: one object class only
-            continue
-        for suffix, column in ((".jpg", "image"), ("_mask.png", "mask")):
-            with open(os.path.join(folder, row["id"] + suffix), "wb") as file:
-                file.write(row[column]["bytes"])
-        lines.append(f"{row['id']}.jpg,{row['id']}_mask.png,{classes.pop()}")
-    with open(os.path.join(folder, "metadata.csv"), "w") as file:
-        file.write("\n".join(lines) + "\n")
-    return len(lines) - 1
-
-
 def _photo(name: str) -> bytes:
     with open(os.path.join(PHOTOS, name, f"{name}.jpg"), "rb") as file:
         return file.read()
@@ -91,7 +62,7 @@ def _mask(size: tuple[int, int], objects: list[tuple[int, slice, slice]], border
     values = np.zeros(size[::-1], np.uint8)
     for _, rows, columns in objects:
         top, left = max(rows.start - border, 0), max(columns.start - border, 0)
-        values[top : rows.stop + border, left : columns.stop + border] = BORDER
+        values[top : rows.stop + border, left : columns.stop + border] = VOC_BORDER
     for index, rows, columns in objects:
         values[rows, columns] = index
     mask = Image.fromarray(values, mode="L").convert("P")
@@ -138,7 +109,7 @@ def test_the_hub_schema_as_it_is_has_no_class_label_and_is_refused(voc_rows, mon
 def test_single_object_images_as_an_imagefolder_run_localisation(voc_rows, tmp_path, aft_stand_in, monkeypatch):
     monkeypatch.chdir(REPO)  # the config names the class list from the repository root
     folder = str(tmp_path / "voc2012-val-single")
-    assert voc_single_object_imagefolder(voc_rows, folder) == 3  # the person-with-cat row has two classes
+    assert write_single_object_folder(voc_rows, folder) == 3  # the person-with-cat row has two classes
     output = tmp_path / "eval"
     # The example config's settings, with the tiny models and the tiny copy in place of the real ones.
     argv = [CONFIG, "--models", TINY, aft_stand_in, "--dataset", folder, "--output", str(output)]
@@ -161,12 +132,24 @@ def test_single_object_images_as_an_imagefolder_run_localisation(voc_rows, tmp_p
         )
 
 
+def test_prepare_voc_downloads_the_split_and_writes_the_folder_once(voc_rows, tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(prepare_voc.datasets, "load_dataset", lambda *args, **kwargs: asked.append(args) or voc_rows)
+    folder = tmp_path / "voc"
+    run_command("prepare_voc", ["--output", str(folder)])
+    assert asked == [("shijli/voc2012", "segmentation")]
+    names = sorted(os.listdir(folder))
+    assert "metadata.csv" in names and len(names) == 1 + 2 * 3 and not (tmp_path / "voc.partial").exists()
+    with pytest.raises(FileExistsError, match="already exists; choose another --output"):
+        run_command("prepare_voc", ["--output", str(folder)])
+
+
 def test_segmentation_reads_the_masks_as_the_labels_voc_indices(voc_rows, tmp_path, aft_stand_in, monkeypatch):
     """Labels and mask values are both VOC indices (cat 8, person 15) against the list's 21 prompts. Text labels
     encoded over the classes present made cat 0 and person 1, and segmentation refused masks holding 8 and 15."""
     monkeypatch.chdir(REPO)
     folder = str(tmp_path / "voc2012-val-single")
-    voc_single_object_imagefolder(voc_rows, folder)
+    write_single_object_folder(voc_rows, folder)
     output = tmp_path / "eval"
     argv = [CONFIG, "--models", TINY, aft_stand_in, "--dataset", folder, "--output", str(output)]
     argv += ["--metrics", "localization", "segmentation", "--methods", "gradcam", "clip_surgery"]
@@ -186,7 +169,7 @@ def test_segmentation_reads_the_masks_as_the_labels_voc_indices(voc_rows, tmp_pa
 def test_text_labels_take_their_index_in_the_class_list(voc_rows, tmp_path):
     """The colleague's first layout (class names in metadata.csv) gives the same VOC indices with the class list."""
     folder = tmp_path / "voc2012-val-single"
-    voc_single_object_imagefolder(voc_rows, str(folder))
+    write_single_object_folder(voc_rows, str(folder))
     metadata = folder / "metadata.csv"
     rows = [line.split(",") for line in metadata.read_text().split()[1:]]
     named = [f"{image},{mask},{VOC_CLASSES[int(label)]}" for image, mask, label in rows]
@@ -200,7 +183,7 @@ def test_text_labels_take_their_index_in_the_class_list(voc_rows, tmp_path):
 def test_a_label_outside_the_class_list_is_refused_naming_it(voc_rows, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     folder = tmp_path / "voc2012-val-single"
-    voc_single_object_imagefolder(voc_rows, str(folder))
+    write_single_object_folder(voc_rows, str(folder))
     metadata = folder / "metadata.csv"
     text = metadata.read_text()
     assert "2007_person_mask.png,15\n" in text
