@@ -286,6 +286,14 @@ def localisation_masks(
     return pixels[:, 0], pixels[:, 1]
 
 
+def scorable_masks(objects: torch.Tensor, annotated: torch.Tensor) -> tuple[torch.Tensor, dict[str, int]]:
+    """``(N,)`` the images a localisation metric can score (an object pixel in the crop; object pixels are
+    annotated), and how many of the others were skipped per reason ("no annotated pixel", "no object pixel")."""
+    has_pixels = annotated.flatten(1).any(dim=1)
+    keep = objects.flatten(1).any(dim=1)  # an object cropped away (or unannotated) leaves nothing to point at
+    return keep, {"no annotated pixel": int((~has_pixels).sum()), "no object pixel": int((has_pixels & ~keep).sum())}
+
+
 def masks_to_tensor(masks: Sequence[Image.Image], image_processor) -> torch.Tensor:
     """Boolean ``(B, H, W)`` object masks (any non-zero value is object), resized and cropped like the images: the
     binary reading of :func:`localisation_masks` (no unannotated value)."""

@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 
 from ..data import find_image_column, images_to_pixels, open_image
 from ..modeling import embed_fn
-from .batches import check_mask_size, localisation_masks, open_mask
+from .batches import check_mask_size, localisation_masks, open_mask, scorable_masks
 from .monitor_metrics import MASK_FREE_METRICS, MASK_METRICS, embedding_spread, majority_share
 from .registry import MAP_METHODS, RunContext, get_map_method, get_metric
 from .saliency import class_similarity, saliency
@@ -34,8 +34,6 @@ logger = logging.getLogger(__name__)
 # Methods whose single-target map subtracts the empty prompt's text embedding (CLIP Surgery's redundant feature,
 # :func:`hf_clip_aft.interpret.surgery.target_maps`): the monitor must be given it.
 EMPTY_PROMPT_METHODS = ("clip_surgery",)
-# Why an image has no localisation score (the evaluation's LocalizationScorer counts the same two).
-SKIP_REASONS = ("no annotated pixel", "no object pixel")
 
 
 def needs_empty_prompt(method: str) -> bool:
@@ -171,7 +169,8 @@ class MapMonitor:
         if masks is not None:
             annotated = torch.ones_like(masks[:n], dtype=torch.bool) if annotated is None else annotated[:n].bool()
             masks = masks[:n].bool() & annotated
-            keep, self.skipped = _scorable(masks, annotated)
+            keep, skipped = scorable_masks(masks, annotated)  # the evaluation's rule and reasons
+            self.skipped = {why: count for why, count in skipped.items() if count}
             if self.skipped:
                 logger.warning(
                     "Map monitor: %d of %d held-out images skipped: %s in the model's crop (mask value 255 = "
@@ -327,14 +326,6 @@ class MapMonitor:
             else:  # faithfulness
                 values[name] = metric.compute(score, pixels, maps, self.settings.faithfulness_steps)
         return values
-
-
-def _scorable(masks: torch.Tensor, annotated: torch.Tensor) -> tuple[torch.Tensor, dict[str, int]]:
-    """``(N,)`` the images with an object pixel (object pixels are annotated), and the count skipped per reason."""
-    has_pixels = annotated.flatten(1).any(dim=1)
-    keep = masks.flatten(1).any(dim=1)
-    counts = dict(zip(SKIP_REASONS, (int((~has_pixels).sum()), int((has_pixels & ~keep).sum()))))
-    return keep, {why: count for why, count in counts.items() if count}
 
 
 def _device(model: nn.Module) -> torch.device:

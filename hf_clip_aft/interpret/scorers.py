@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .batches import localisation_masks
+from .batches import localisation_masks, scorable_masks
 from .faithfulness import INSERTION_BLUR_SIGMA, curve_auc, faithfulness_curve
 from .metrics import energy_pointing_game, gini_index, pointing_game, top_fraction_iou
 from .registry import (
@@ -182,12 +182,11 @@ class LocalizationScorer(Scorer):
             "object_masks",
             lambda: torch.stack(localisation_masks(batch.mask_images, batch.image_processor)).to(batch.pixels.device),
         )
-        has_pixels = annotated.flatten(1).any(dim=1)
-        keep = masks.flatten(1).any(dim=1)  # an object cropped away (or unannotated) leaves nothing to point at
+        keep, skipped = scorable_masks(masks, annotated)
         if batch.method == self.run.methods[0]:
             self.seen[batch.model_name] += len(keep)
-            self.skipped[batch.model_name, "no annotated pixel"] += int((~has_pixels).sum())
-            self.skipped[batch.model_name, "no object pixel"] += int((has_pixels & ~keep).sum())
+            for why, count in skipped.items():
+                self.skipped[batch.model_name, why] += count
         maps, masks, annotated = batch.maps[keep], masks[keep], annotated[keep]
         scores = []
         for metric in self.metrics():
