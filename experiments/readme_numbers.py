@@ -41,6 +41,15 @@ SCHEDULES = "benchmarks/results/schedules_vit-b-16.json"
 BENCHMARKS_MD = "benchmarks/RESULTS.md"
 # The paper's run: 2 epochs of ImageNet-1k's training set (images).
 PAPER_IMAGES = 2 * 1_281_167
+# benchmarks/demo_timings.py: the README's offline demos, run as written in a fresh clone; the pages quoting each.
+DEMO_TIMINGS = "benchmarks/results/demo_timings.json"
+DEMO_PAGES = {
+    "train": ("README.md",),
+    "monitor": ("README.md", "docs/monitor.md"),
+    "evaluate": ("README.md", "docs/evaluation.md"),
+    "dissect": ("README.md", "docs/dissection.md"),
+    "llava_explain": ("docs/llava.md",),
+}
 
 # The dissection demo table's rows: CLIP-Dissect's headline numbers.
 DEMO_KEYS = ("labelled_fraction", "unique_concepts", "mean_best_similarity")
@@ -371,6 +380,33 @@ def schedule_claims() -> list[Claim]:
     ]
 
 
+def duration(seconds: float) -> str:
+    """`seconds` as a page writes a wall time: "17 s", "4 min 14 s"."""
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
+
+
+def demo_timing_claims() -> list[Claim]:
+    """Each offline demo's wall time in its one timed run, with the CPU count and the range of the 1-minute load
+    average read before and after it."""
+    report = results_file(DEMO_TIMINGS)
+    steps = {step["name"]: step for step in report["steps"]}
+    claims = []
+    for name, pages in DEMO_PAGES.items():
+        step = steps[name]
+        low, high = sorted((step["load_average_before"][0], step["load_average_after"][0]))
+        claims.append(
+            Claim(
+                f"{duration(step['wall_seconds'])} in one run on {report['cpu_count']} CPU cores at load average "
+                f"{low:.1f} to {high:.1f}",
+                DEMO_TIMINGS,
+                f"steps[{name}].wall_seconds, load_average_before/after[0]; cpu_count",
+                pages,
+            )
+        )
+    return claims
+
+
 def claims() -> list[Claim]:
     """Every claim, experiment by experiment."""
     return [
@@ -382,6 +418,7 @@ def claims() -> list[Claim]:
         *cheaper_aft_claims(),
         *aft_step_claims(),
         *schedule_claims(),
+        *demo_timing_claims(),
     ]
 
 
