@@ -38,6 +38,7 @@ STEP_FP32_LOADED = "benchmarks/results/vit-b-16-fp32.json"
 STEP_BF16 = "benchmarks/results/vit-b-16-bf16-repeat.json"
 STEP_CHECKPOINTING = "benchmarks/results/vit-b-16-fp32-ckpt.json"
 SCHEDULES = "benchmarks/results/schedules_vit-b-16.json"
+DISSECT_COST = "benchmarks/results/dissect-cost.json"
 BENCHMARKS_MD = "benchmarks/RESULTS.md"
 # The paper's run: 2 epochs of ImageNet-1k's training set (images).
 PAPER_IMAGES = 2 * 1_281_167
@@ -380,6 +381,19 @@ def schedule_claims() -> list[Claim]:
     ]
 
 
+def dissect_cost_claims() -> list[Claim]:
+    """Network Dissection's peak memory over the probe set sizes (benchmarks/dissect_cost.py)."""
+    rows = [row for row in results_file(DISSECT_COST)["rows"] if row["stage"] == "network_dissection"]
+    peaks, images = [row["peak_rss_mib"] for row in rows], [row["images"] for row in rows]
+    return [
+        Claim(
+            f"{min(peaks):.0f}–{max(peaks):.0f} MiB from {min(images)} to {max(images):,} images",
+            DISSECT_COST,
+            "rows[stage=network_dissection].peak_rss_mib, .images",
+        )
+    ]
+
+
 def duration(seconds: float) -> str:
     """`seconds` as a page writes a wall time: "17 s", "4 min 14 s"."""
     minutes, rest = divmod(round(seconds), 60)
@@ -418,6 +432,7 @@ def claims() -> list[Claim]:
         *cheaper_aft_claims(),
         *aft_step_claims(),
         *schedule_claims(),
+        *dissect_cost_claims(),
         *demo_timing_claims(),
     ]
 
