@@ -4,13 +4,16 @@
 
 Counts the FLOPs of `MapMonitor.measure` with `FlopCounterMode` and divides them by (images × one forward), for a
 held-out set with masks (localisation metrics) and without (deletion/insertion curves), with random weights and
-random images (the cost does not depend on the values). Prints one JSON line per case.
+random images (the cost does not depend on the values). Prints one JSON line per case; `--output` also writes
+them to a JSON file (the docs quote `benchmarks/results/monitor-cost-vit-b-16.json`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from functools import partial
 
@@ -19,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionModelWithProjection
 
 from hf_clip_aft.data import clip_image_processor
+from hf_clip_aft.files import write_json_atomic
 from hf_clip_aft.interpret.monitor import MapMonitor, MonitorSettings
 from hf_clip_aft.model_configs import clip_config
 
@@ -36,6 +40,7 @@ def main() -> None:
     parser.add_argument("--model", default="vit-b-16", help="An architecture of hf_clip_aft.model_configs.")
     parser.add_argument("--images", type=int, default=8, help="Held-out images measured.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads.")
+    parser.add_argument("--output", default=None, help="JSON file to write the rows (one per case) to.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -49,6 +54,7 @@ def main() -> None:
     settings = MonitorSettings(max_images=args.images, batch_size=args.images)
     with torch.no_grad():
         reference = torch.nn.functional.normalize(model(pixel_values=pixels).image_embeds, dim=-1)
+    rows = []
     for name, case_masks in (("masks", masks), ("no_masks", None)):
         monitor = MapMonitor(pixels, processor, reference, masks=case_masks, settings=settings)
         total, seconds = flops(partial(monitor.measure, model))
@@ -62,6 +68,9 @@ def main() -> None:
             "threads": args.threads,
         }
         print(json.dumps(row))
+        rows.append(row)
+    if args.output:
+        write_json_atomic(args.output, {"command": " ".join(sys.argv), "load_average": os.getloadavg(), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ STEP_BF16 = "benchmarks/results/vit-b-16-bf16-repeat.json"
 STEP_CHECKPOINTING = "benchmarks/results/vit-b-16-fp32-ckpt.json"
 SCHEDULES = "benchmarks/results/schedules_vit-b-16.json"
 DISSECT_COST = "benchmarks/results/dissect-cost.json"
+DEFAULT_COMMAND = "benchmarks/results/default-command.json"
+MONITOR_COST = "benchmarks/results/monitor-cost-vit-b-16.json"
 BENCHMARKS_MD = "benchmarks/RESULTS.md"
 # The paper's run: 2 epochs of ImageNet-1k's training set (images).
 PAPER_IMAGES = 2 * 1_281_167
@@ -402,6 +404,34 @@ def dissect_cost_claims() -> list[Claim]:
     ]
 
 
+def default_command_claims() -> list[Claim]:
+    """`python benchmarks/aft_step.py` as it is (ViT-B/32, batch 2, K = 10, library and naive) on the CPU."""
+    report = results_file(DEFAULT_COMMAND)
+    library, naive = (step_row(DEFAULT_COMMAND, path=path) for path in ("library", "naive"))
+    before, after = report["load_average"]
+    return [
+        Claim(
+            f"took {library['step_s']:.2f} s (library) and {naive['step_s']:.2f} s (naive) at load average "
+            f"{before:.1f} to {after:.1f}",
+            DEFAULT_COMMAND,
+            "results[path=library/naive].step_s; load_average",
+        )
+    ]
+
+
+def monitor_cost_claims() -> list[Claim]:
+    """One map-monitor evaluation of ViT-B/16, with and without masks (benchmarks/monitor_cost.py)."""
+    rows = {row["case"]: row["forward_equivalents_per_image"] for row in results_file(MONITOR_COST)["rows"]}
+    return [
+        Claim(
+            f"costs {rows['masks']:.1f} forward-equivalents per held-out image with masks and {rows['no_masks']:.0f}"
+            " without",
+            MONITOR_COST,
+            "rows[case=masks/no_masks].forward_equivalents_per_image",
+        )
+    ]
+
+
 def duration(seconds: float) -> str:
     """`seconds` as a page writes a wall time: "17 s", "4 min 14 s"."""
     minutes, rest = divmod(round(seconds), 60)
@@ -441,6 +471,8 @@ def claims() -> list[Claim]:
         *aft_step_claims(),
         *schedule_claims(),
         *dissect_cost_claims(),
+        *default_command_claims(),
+        *monitor_cost_claims(),
         *demo_timing_claims(),
     ]
 
