@@ -101,3 +101,5 @@ def test_collapse_world_smoke_writes_base_and_both_monitored_runs(tmp_path, one_
         evaluation = run["training_evaluation"]
         assert evaluation["verdict"].startswith("Map monitor verdict") and evaluation["history"][0]["step"] == 0
     assert (tmp_path / "results.json").exists()
+    table = collapse.table_markdown(report)
+    assert "| smoke/seed0/full | base |" in table and "| smoke/seed0/full | aft_monitored |" in table

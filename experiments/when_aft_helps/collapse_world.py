@@ -76,12 +76,15 @@ WORLDS: dict[str, ExperimentConfig] = {
     # Added after the first two probes: the cold base was bunched but had barely learnt (accuracy 0.23).
     "grid8_64px_cold_long": _collapse_world(logit_scale=100.0, pretrain_steps=1000),
     "grid8_64px_cool_long": _collapse_world(logit_scale=30.0, pretrain_steps=1000),
+    # Added after those four probes: cold_long came closest to the regime (bunched, not brittle), its maps less sharp.
+    "grid8_64px_cold_2000": _collapse_world(logit_scale=100.0, pretrain_steps=2000),
 }
 WORLD_DIALS = {
     "grid8_64px": "64 px, 8×8 tokens, 0-2 clutter items, objects 20-30 px, logit scale 10, 300 pre-training steps",
     "grid8_64px_cold": "as grid8_64px with logit scale 100 (low pre-training temperature)",
     "grid8_64px_cold_long": "as grid8_64px_cold with 1000 pre-training steps",
     "grid8_64px_cool_long": "as grid8_64px with logit scale 30 and 1000 pre-training steps",
+    "grid8_64px_cold_2000": "as grid8_64px_cold with 2000 pre-training steps",
 }
 FINETUNE: FinetuneSpec = FINAL_CONFIG.finetune
 SMOKE_FINETUNE = FinetuneSpec(steps=4, batch_size=8, attack_steps=2, monitor_steps=1)
@@ -166,6 +169,34 @@ def run_job(name: str, config: ExperimentConfig, seed: int, spec: FinetuneSpec, 
     return entry
 
 
+TABLE_COLUMNS = (
+    ("EPG", PRIMARY_METRIC),
+    ("PG", "pointing_game"),
+    ("Gini", "gini"),
+    ("acc", "accuracy"),
+    ("robust acc", "robust_accuracy"),
+    ("attack cos", "attack_cosine"),
+    ("pairwise cos", "mean_pairwise_cosine"),
+    ("cos to mean", "cosine_to_mean_direction"),
+    ("top class", "majority_share"),
+)
+
+
+def table_markdown(report: dict[str, Any]) -> str:
+    """One row per model of every job in `report` (the base, and each AFT run of a full job) on the test split."""
+    header = ["job", "model", "mask share", *(label for label, _ in TABLE_COLUMNS), "steps", "first warning"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for key, job in report["jobs"].items():
+        models = {"base": {"metrics": job["base"]}, **job.get("runs", {})}
+        for model, run in models.items():
+            evaluation = run.get("training_evaluation") or {}
+            warnings = evaluation.get("warnings") or ["none"]
+            cells = [key, model, f"{job['mask_share']:.3f}", *(f"{run['metrics'][m]:.3f}" for _, m in TABLE_COLUMNS)]
+            cells += [str(run.get("steps_trained", "")), warnings[0] if evaluation else ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", required=True, help="Folder for results.json.")
@@ -173,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--probe", action="store_true", help="Pre-train and measure the bases only.")
     parser.add_argument("--smoke", action="store_true", help="One toy world, seconds: checks the pipeline only.")
+    parser.add_argument("--report_only", action="store_true", help="Only print the table of <output>/results.json.")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # reproducible, and fair to a shared machine
     worlds, spec = ({"smoke": SMOKE_WORLD}, SMOKE_FINETUNE) if args.smoke else (WORLDS, FINETUNE)
@@ -183,6 +215,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.makedirs(args.output, exist_ok=True)
     path = os.path.join(args.output, "results.json")
     report: dict[str, Any] = {"jobs": {}}
+    if args.report_only:
+        with open(path, encoding="utf-8") as f:
+            report = json.load(f)
+        names = []
     for name in names:
         for seed in args.seeds:
             entry = run_job(name, worlds[name], seed, spec, args.probe)
@@ -213,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"{base['attack_cosine']:.3f}; {entry['seconds']:.0f} s",
                 flush=True,
             )
+    print(table_markdown(report))
     return report
 
 
