@@ -119,7 +119,8 @@ def finetune(
     `train_images` needs an ``image`` column. Paper optimiser (AdamW β = (0.9, 0.95), cosine schedule, 7% warm-up)
     at `spec`'s learning rate, weight decay, steps and batch size. `callbacks` are added to the trainer (e.g. to
     measure the model during training). `overrides`: further `AFTConfig` fields, applied last (e.g. an
-    ``attack_schedule``, experiments/cheaper_aft). `monitor`: the library's map monitor, attached as a user would
+    ``attack_schedule``, experiments/cheaper_aft; or ``save_strategy``, which is "no" unless overridden, with
+    ``load_best_model_at_end``). `monitor`: the library's map monitor, attached as a user would
     (one callback, measuring every ``spec.monitor_steps`` steps with its default settings); its verdict is returned.
     """
     with tempfile.TemporaryDirectory() as output_dir:
@@ -131,13 +132,13 @@ def finetune(
             learning_rate=spec.learning_rate,
             weight_decay=spec.weight_decay,
             logging_steps=max(1, spec.steps // 10),
-            save_strategy="no",
             report_to="none",
             disable_tqdm=True,
             dataloader_num_workers=0,
             seed=seed,
             allow_no_op=variant == "clean",  # the clean control has no attack, on purpose
-            **{**attack_settings(variant, spec), **(overrides or {})},
+            # No checkpoints unless `overrides` asks (e.g. save_steps with load_best_model_at_end).
+            **{"save_strategy": "no", **attack_settings(variant, spec), **(overrides or {})},
         )
         collator = _RecordingCollator(image_processor)
         trainer = AFTTrainer(
