@@ -1,13 +1,14 @@
 """The when-does-AFT-help study (experiments/when_aft_helps): one toy job end to end, the guard's replay, the table."""
 
 import importlib
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from hf_clip_aft.interpret.monitor import MapGuard
+from hf_clip_aft.interpret.monitor import MapGuard, MonitorSettings
 
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "when_aft_helps"
 sys.path.insert(0, str(EXPERIMENT))
@@ -86,20 +87,40 @@ def test_bunching_of_planted_embeddings():
     assert numbers["constant_encoder_fare_loss"] == pytest.approx(2 - 2**0.5)
 
 
-def test_collapse_world_smoke_writes_base_and_both_monitored_runs(tmp_path, one_thread):
-    report = collapse.main(["--smoke", "--output", str(tmp_path)])
-    (job,) = report["jobs"].values()
+def test_collapse_world_smoke_writes_base_and_every_monitored_run(tmp_path, one_thread):
+    first = collapse.main(["--smoke", "--output", str(tmp_path), "--variants", "aft_no_stop", "aft_monitored"])
+    (job,) = first["jobs"].values()
     assert set(job["runs"]) == {"aft_no_stop", "aft_monitored"}
     assert 0 < job["mask_share"] < 1 and -1 <= job["base"]["mean_pairwise_cosine"] <= 1
     no_stop = job["runs"]["aft_no_stop"]
     assert (
         no_stop["steps_trained"] == collapse.SMOKE_FINETUNE.steps
         and no_stop["monitor_settings"]["stop_after_collapses"] == 0
+        and no_stop["overrides"] == {}
     )
     assert job["runs"]["aft_monitored"]["monitor_settings"]["stop_after_collapses"] == 2
-    for run in job["runs"].values():
+    (recorded,) = json.loads((tmp_path / "results.json").read_text())["jobs"].values()
+    # The third run alone, merged into the recorded job: the other runs and the job's fields are kept.
+    report = collapse.main(["--smoke", "--output", str(tmp_path), "--variants", "aft_best"])
+    (merged,) = report["jobs"].values()
+    assert set(merged["runs"]) == {"aft_no_stop", "aft_monitored", "aft_best"}
+    assert merged["runs"]["aft_no_stop"] == recorded["runs"]["aft_no_stop"] and merged["command"] == job["command"]
+    best = merged["runs"]["aft_best"]
+    assert best["base_as_recorded"] and best["command"].endswith("--variants aft_best")
+    assert best["monitor_settings"]["stop_after_collapses"] == MonitorSettings().stop_after_collapses
+    assert best["overrides"]["load_best_model_at_end"] and best["overrides"]["save_strategy"] == "steps"
+    evaluation = best["training_evaluation"]
+    every = collapse.SMOKE_FINETUNE.monitor_steps
+    assert [point["step"] for point in evaluation["history"]] == list(
+        range(0, collapse.SMOKE_FINETUNE.steps + 1, every)
+    )
+    assert list(best["collapsed_by_step"]) == [str(point["step"]) for point in evaluation["history"]]
+    # What the Trainer exported is a measured checkpoint or the base, and the weights say the same.
+    assert str(evaluation["exported_step"]) in best["collapsed_by_step"]
+    assert best["exported_is_base_weights"] == (evaluation["exported_step"] == 0) == evaluation["exported_is_base"]
+    assert not best["collapsed_by_step"][str(evaluation["exported_step"])]
+    for run in merged["runs"].values():
         evaluation = run["training_evaluation"]
         assert evaluation["verdict"].startswith("Map monitor verdict") and evaluation["history"][0]["step"] == 0
-    assert (tmp_path / "results.json").exists()
     table = collapse.table_markdown(report)
-    assert "| smoke/seed0/full | base |" in table and "| smoke/seed0/full | aft_monitored |" in table
+    assert "| smoke/seed0/full | base |" in table and "| smoke/seed0/full | aft_best |" in table
