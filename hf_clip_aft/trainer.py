@@ -489,15 +489,27 @@ class AFTTrainer(TrainerOutputsMixin, Trainer):
 
     def check_base_restorable(self) -> None:
         """Raise now if :meth:`restore_base_weights` could not run at the end (sharded weights)."""
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+        if not self.can_restore_base:
             raise NotImplementedError(
                 "The map monitor makes the base a candidate for the best model, but restoring the base's weights "
                 "under FSDP/DeepSpeed is not supported: set load_best_model_at_end=False (the verdict still says "
                 "whether the final model beats the base)."
             )
 
-    def restore_base_weights(self) -> None:
-        """Put the base's weights back into the trained model (the base scored best: see the map monitor)."""
+    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
+        # A measurement the map monitor found collapsed never becomes the best model: it cannot beat the base.
+        if any(getattr(callback, "last_measurement_collapsed", False) for callback in self.callback_handler.callbacks):
+            return False
+        return super()._determine_best_metric(metrics, trial)
+
+    @property
+    def can_restore_base(self) -> bool:
+        """Whether :meth:`restore_base_weights` can run (not under sharded weights)."""
+        return not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+
+    def restore_base_weights(self, reason: str = "no checkpoint scored better than the base") -> None:
+        """Put the base's weights back into the trained model (the base scored best, or the final weights
+        collapsed: see the map monitor); `reason` goes into the log."""
         self.check_base_restorable()
         model = self.accelerator.unwrap_model(self.model)
         with torch.no_grad():
@@ -507,4 +519,4 @@ class AFTTrainer(TrainerOutputsMixin, Trainer):
                 parameters = dict(model.named_parameters())
                 for name, value in self._initial_adapters.items():
                     parameters[name].copy_(value)
-        logger.warning("The base's weights were restored: no checkpoint scored better than the base.")
+        logger.warning("The base's weights were restored: %s.", reason)

@@ -83,13 +83,16 @@ def planted_run(
     kill_at: int | None = None,
     resume: bool = False,
     peft_config=None,
+    collapse_ratio: float = 0.0,
 ):
-    """The monitored trainer (trained and exported unless killed) and its monitor callback."""
+    """The monitored trainer (trained and exported unless killed) and its monitor callback. The tiny tower at lr 1e-3
+    bunches its embeddings within two steps; the collapse check (which rules such checkpoints out) is off unless
+    `collapse_ratio` turns it on."""
     torch.manual_seed(0)
     train, held_out = masked_scenes(24), masked_scenes(8, seed=1)
     processor = CLIPImageProcessorPil.from_pretrained(TINY)
     base = CLIPVisionModelWithProjection.from_pretrained(TINY)
-    settings = MonitorSettings(batch_size=8, stop_after_collapses=0)
+    settings = MonitorSettings(batch_size=8, collapse_ratio=collapse_ratio)
     monitor = PlantedMonitor.from_dataset(base, held_out, processor, mask_column="mask", settings=settings)
     monitor.schedule = schedule
     callback = MapMonitorCallback(monitor)

@@ -127,7 +127,11 @@ def test_monitor_steps_without_any_evaluation_schedule(tmp_path, scenes):
     attacks = count_attacks(trainer)
     trainer.train()
     assert [step for step, _ in callback.history] == [0, 2, 4] and attacks == [True] * 4
-    assert callback.summary()["exported_step"] == 4
+    # The tiny tower at lr 1e-3 collapses by step 2 (spread below a quarter of the base's): its final weights are
+    # not handed back, the base's are.
+    summary = callback.summary()
+    assert summary["collapsed_steps"] == [2, 4] and summary["exported_step"] == 0
+    assert "The exported weights are the base's: the final weights (step 4) had collapsed." in summary["verdict"]
 
 
 def test_a_monitor_that_cannot_run_raises_before_training(tmp_path, scenes):
@@ -174,6 +178,23 @@ def test_every_evaluation_worse_than_the_base_exports_the_base(tmp_path, lora):
     assert record.training_evaluation["verdict"] == summary["verdict"]
     card = (out / "README.md").read_text()
     assert "the exported weights are the base's" in card
+
+
+def test_a_collapsed_checkpoint_never_becomes_the_best(tmp_path):
+    """Step 2 scores best on the selection metric, but the encoder has collapsed there (and at step 4): no
+    checkpoint is the best, and the base is exported, saying why."""
+    out = tmp_path / "collapsed"
+    trainer, callback = planted_run(out, {0: 0.5, 2: 0.7, 4: 0.6}, collapse_ratio=0.25)
+    summary = callback.summary()
+    assert summary["collapsed_steps"] == [2, 4] and trainer.state.best_model_checkpoint is None
+    assert summary["exported_step"] == 0 and summary["best_step"] == 0 and summary["improved"] is False
+    assert (
+        "The exported weights are the base's: no checkpoint beat the base without collapsing (better but collapsed: "
+        "step 2, 4)." in summary["verdict"]
+    )
+    base = CLIPModel.from_pretrained(TINY).vision_model.state_dict()
+    exported = CLIPModel.from_pretrained(out).vision_model.state_dict()
+    assert all(torch.equal(base[name], exported[name]) for name in base)
 
 
 def test_the_best_checkpoint_is_exported_bit_for_bit_and_survives_a_sigkill(tmp_path):
@@ -228,7 +249,8 @@ class CorruptModel(TrainerCallback):
     ("settings", "stopped_at"),
     [
         (MonitorSettings(batch_size=8, guard_patience=1, stop_if_maps_worse=True), 2),  # at the first warning
-        (MonitorSettings(batch_size=8), 4),  # the default: after two collapsed measurements in a row
+        (MonitorSettings(batch_size=8, stop_after_collapses=2), 4),  # after two collapsed measurements in a row
+        (MonitorSettings(batch_size=8), 6),  # the default: warn, never stop for collapse
     ],
 )
 def test_guard_and_collapse_fire_on_a_planted_degradation_and_stop(tmp_path, scenes, settings, stopped_at):

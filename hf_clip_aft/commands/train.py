@@ -118,8 +118,11 @@ class MonitorArguments:
         default=0.25, metadata={"help": "Warn when the embedding spread falls below this share of the base's."}
     )
     monitor_stop_after_collapses: int = field(
-        default=2,
-        metadata={"help": "Stop after this many collapsed measurements in a row (0: never stop for collapse)."},
+        default=0,
+        metadata={
+            "help": "Stop after this many collapsed measurements in a row (0: never stop for collapse; collapsed "
+            "weights are never exported either way)."
+        },
     )
     stop_if_maps_worse: bool = field(
         default=False, metadata={"help": "Stop training at the first warning (the guard or the collapse check)."}

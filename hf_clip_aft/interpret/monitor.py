@@ -82,8 +82,10 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
     ``metric_for_best_model`` may name any of them; ``greater_is_better`` is then set from the metric's direction),
     and checks two things against the base: the guard metric (:class:`MapGuard`) and collapse (the embedding spread
     below ``collapse_ratio`` × the base's, or one class taking over the predictions). Either logs a warning; the run
-    stops after ``stop_after_collapses`` collapsed measurements in a row, and at the first warning with
-    ``stop_if_maps_worse``.
+    stops after ``stop_after_collapses`` collapsed measurements in a row (0, the default: never), and at the first
+    warning with ``stop_if_maps_worse``. A collapsed measurement never becomes the best model
+    (``AFTTrainer._determine_best_metric`` asks :attr:`last_measurement_collapsed`), and a run whose final weights
+    are collapsed (without ``load_best_model_at_end``) ends with the base's weights restored instead.
 
     The base is a candidate for the best model: when ``metric_for_best_model`` is a monitored number, the best
     metric starts at the base's value, so a checkpoint becomes the best only by beating the base; with
@@ -107,7 +109,10 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
         self.warnings: list[str] = []
         self.guard_fired_steps: list[int] = []
         self.collapsed_in_a_row = 0
+        self.collapsed_steps: list[int] = []
+        self.last_measurement_collapsed = False  # read by AFTTrainer: such a measurement is never the best
         self.exported_step: int | None = None
+        self.export_reason: str | None = None
         self.selection_metric: str | None = None
         self.base_not_candidate: str | None = None
         self._restored = False
@@ -180,6 +185,7 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
                 "guard_fired_steps": list(self.guard_fired_steps),
                 "guard_bad_in_a_row": self.guard.bad_in_a_row,
                 "collapsed_in_a_row": self.collapsed_in_a_row,
+                "collapsed_steps": list(self.collapsed_steps),
             },
         }
 
@@ -192,6 +198,7 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
         self.guard_fired_steps = [int(step) for step in attributes["guard_fired_steps"]]
         self.guard.bad_in_a_row = int(attributes["guard_bad_in_a_row"])
         self.collapsed_in_a_row = int(attributes["collapsed_in_a_row"])
+        self.collapsed_steps = [int(step) for step in attributes.get("collapsed_steps", [])]  # older checkpoints: none
         self._restored = True
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
@@ -210,6 +217,7 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
         self._last_measured = time.perf_counter()
         if state.global_step == 0:
             self.history, self.warnings, self.guard_fired_steps = [(0, self.monitor.measure(kwargs["model"]))], [], []
+            self.collapsed_steps = []
             self.trainer.log({f"eval_{name}": value for name, value in self.base.items()})
             if self.selection_metric:
                 state.best_metric = self.base[self.selection_metric]  # a checkpoint must beat the base
@@ -243,6 +251,9 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
         if metrics is not None:
             metrics.update(logs)
         problems, collapsed = self._problems(values, state.global_step)
+        self.last_measurement_collapsed = collapsed
+        if collapsed:
+            self.collapsed_steps.append(state.global_step)
         self.collapsed_in_a_row = self.collapsed_in_a_row + 1 if collapsed else 0
         for problem in problems:
             message = f"Step {state.global_step}: {problem}"
@@ -268,32 +279,57 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
                 f"the maps are worse than the base's: {name} {values[name]:.4f} vs base {base[name]:.4f} for "
                 f"{self.guard.bad_in_a_row} evaluations in a row (tolerance {self.guard.tolerance})."
             )
-        collapsed = False
+        collapse = self._collapse_problems(values)
+        return problems + collapse, bool(collapse)
+
+    def _collapse_problems(self, values: dict[str, float]) -> list[str]:
+        """What shows collapse in a measurement against the base's (empty: not collapsed)."""
+        base, problems = self.base, []
         ratio = self.monitor.settings.collapse_ratio
         if values["embedding_spread"] < ratio * base["embedding_spread"]:
-            collapsed = True
             problems.append(
                 f"the encoder is heading towards a constant output: embedding spread {values['embedding_spread']:.4f}"
                 f" vs base {base['embedding_spread']:.4f} (warning below {ratio} × the base's)."
             )
         if "majority_share" in values and values["majority_share"] > max(0.5, 2 * base["majority_share"]):
-            collapsed = True
             problems.append(
                 f"one class takes over the predictions: {values['majority_share']:.1%} of the held-out images "
                 f"(base {base['majority_share']:.1%})."
             )
-        return problems, collapsed
+        return problems
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.export_reason = None
         if args.load_best_model_at_end and state.best_model_checkpoint:
             self.exported_step = int(state.best_model_checkpoint.rstrip("/").rsplit("-", 1)[-1])
         elif args.load_best_model_at_end and self.selection_metric:  # no checkpoint beat the base
-            self.trainer.restore_base_weights()
+            metric = self.selection_metric
+            ruled_out = [
+                step
+                for step, values in self.history[1:]
+                if step in self.collapsed_steps and better(metric, values[metric], self.base[metric])
+            ]
+            if ruled_out:
+                self.export_reason = (
+                    f"no checkpoint beat the base without collapsing (better but collapsed: step "
+                    f"{', '.join(map(str, ruled_out))})"
+                )
+            self.trainer.restore_base_weights(*([self.export_reason] if ruled_out else []))
             self.exported_step = 0
         else:
             self.exported_step = state.global_step
         if self.exported_step and all(step != self.exported_step for step, _ in self.history):
-            self.history.append((self.exported_step, self.monitor.measure(model)))  # the final weights, unmeasured
+            values = self.monitor.measure(model)  # the final weights, unmeasured
+            self.history.append((self.exported_step, values))
+            if self._collapse_problems(values):
+                self.collapsed_steps.append(self.exported_step)
+        if self.exported_step in self.collapsed_steps:  # never hand back a collapsed encoder when the base is there
+            reason = f"the final weights (step {self.exported_step}) had collapsed"
+            if self.trainer.can_restore_base:
+                self.trainer.restore_base_weights(reason)
+                self.exported_step, self.export_reason = 0, reason
+            else:
+                self.export_reason = f"{reason}, and the base cannot be restored under FSDP/DeepSpeed"
         summary = self.summary()
         self.trainer.training_evaluation = summary
         if state.is_world_process_zero:
@@ -301,9 +337,9 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
             log("%s", summary["verdict"])
 
     def best(self, metric: str) -> tuple[int, dict[str, float]]:
-        """The (step, values) of the measurement with the best `metric` after step 0 (the base excluded; the earliest
-        of equal values)."""
-        measured = self.history[1:] if len(self.history) > 1 else self.history
+        """The (step, values) of the measurement with the best `metric` after step 0 (the base excluded, and the
+        collapsed measurements; the earliest of equal values); the base's when every later measurement collapsed."""
+        measured = [item for item in self.history[1:] if item[0] not in self.collapsed_steps] or self.history[:1]
         sign = 1 if higher_is_better(metric) else -1
         return max(measured, key=lambda item: sign * item[1][metric])
 
@@ -333,6 +369,8 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
             "base_not_candidate": self.base_not_candidate,
             "warnings": list(self.warnings),
             "guard_fired_steps": list(self.guard_fired_steps),
+            "collapsed_steps": list(self.collapsed_steps),
+            "export_reason": self.export_reason,
             "history": [{"step": step, **values} for step, values in self.history],
         }
         summary["verdict"] = verdict_text(summary) if self.exported_step is not None else None

@@ -87,9 +87,10 @@ class MonitorSettings:
         guard_tolerance, guard_patience: see :class:`~hf_clip_aft.interpret.monitor_metrics.MapGuard`.
         collapse_ratio: warn when the embedding spread falls below this share of the base's.
         stop_after_collapses: stop training after this many measurements in a row show collapse (the spread below
-            `collapse_ratio` × the base's, or one class taking over the predictions); 0 = never stop for it. A
-            collapsed encoder has not been seen to recover, and with the base as a candidate nothing is lost by
-            stopping; two in a row keeps one noisy measurement from ending a run.
+            `collapse_ratio` × the base's, or one class taking over the predictions); 0 (the default) = never stop
+            for it. A collapsed encoder has been seen to recover (experiments/when_aft_helps, `collapse_world`:
+            collapsed at steps 15-30, recovered by step 60), and a collapsed measurement is never exported (the
+            callback's end rule), so stopping only saves compute.
         stop_if_maps_worse: stop training at the first warning (the guard firing, or collapse).
     """
 
@@ -102,7 +103,7 @@ class MonitorSettings:
     guard_tolerance: float = 0.02
     guard_patience: int = 2
     collapse_ratio: float = 0.25
-    stop_after_collapses: int = 2
+    stop_after_collapses: int = 0
     stop_if_maps_worse: bool = False
 
     def __post_init__(self) -> None:

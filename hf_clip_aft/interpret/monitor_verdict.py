@@ -26,7 +26,10 @@ def verdict_text(summary: dict[str, Any]) -> str:
         f"final {_fmt(final[metric])} (step {summary['final_step']})."
     ]
     exported, step = summary["exported"], summary["exported_step"]
-    if summary["exported_is_base"]:
+    reason = summary.get("export_reason")
+    if summary["exported_is_base"] and reason:
+        lines.append(f"The exported weights are the base's: {reason}.")
+    elif summary["exported_is_base"]:
         lines.append(f"AFT did not improve {metric} over the base; the exported weights are the base's.")
     elif exported is None:
         lines.append(f"The exported weights (step {step}) were not measured.")
@@ -36,7 +39,7 @@ def verdict_text(summary: dict[str, Any]) -> str:
             f"{_fmt(exported[metric])}."
         )
     else:
-        reason = summary.get("base_not_candidate") or "the base was not a candidate"
+        reason = reason or summary.get("base_not_candidate") or "the base was not a candidate"
         lines.append(
             f"The exported weights (step {step}) do NOT improve {metric} over the base ({_fmt(base[metric])} → "
             f"{_fmt(exported[metric])}): {reason}."
