@@ -61,6 +61,9 @@ def test_settings_are_validated():
         MonitorSettings(max_images=1)
     with pytest.raises(ValueError, match="iou_fraction=1.5"):
         MonitorSettings(iou_fraction=1.5)
+    for limit in (0.0, 1.5):
+        with pytest.raises(ValueError, match=f"majority_limit={limit} must lie in"):
+            MonitorSettings(majority_limit=limit)
 
 
 def make_args(tmp_path, **overrides) -> AFTConfig:
@@ -263,6 +266,22 @@ def test_guard_and_collapse_fire_on_a_planted_degradation_and_stop(tmp_path, sce
     assert any("worse than the base's: energy_pointing_game" in w for w in callback.warnings)
     assert trainer.state.global_step == stopped_at
     assert "warning(s) raised, the first: Step 2:" in callback.summary()["verdict"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "collapsed"),
+    [
+        (MonitorSettings(), ["spread", "one class"]),
+        (MonitorSettings(collapse_ratio=0.0), ["one class"]),
+        (MonitorSettings(majority_limit=0.7), ["spread"]),  # 60 % of the predictions: below this limit
+        (MonitorSettings(collapse_ratio=0.0, majority_limit=1.0), []),  # both checks off
+    ],
+)
+def test_collapse_known_answers(scenes, settings, collapsed):
+    callback = MapMonitorCallback(scene_monitor(scenes[1], settings))
+    callback.history = [(0, {"embedding_spread": 0.40, "majority_share": 0.25})]
+    problems = callback._collapse_problems({"embedding_spread": 0.09, "majority_share": 0.60})
+    assert [("spread" if "spread" in p else "one class") for p in problems] == collapsed
 
 
 def test_guard_stays_quiet_on_the_clean_control(tmp_path, scenes):

@@ -115,7 +115,15 @@ class MonitorArguments:
     )
     monitor_guard_patience: int = field(default=2, metadata={"help": "Bad evaluations in a row before it warns."})
     monitor_collapse_ratio: float = field(
-        default=0.25, metadata={"help": "Warn when the embedding spread falls below this share of the base's."}
+        default=0.25,
+        metadata={"help": "Collapsed when the embedding spread falls below this share of the base's (0: never)."},
+    )
+    monitor_majority_limit: float = field(
+        default=0.5,
+        metadata={
+            "help": "Collapsed when one class takes more than this share of the zero-shot predictions and twice the "
+            "base's (1: never). A collapsed measurement warns, is never the best model and is not exported."
+        },
     )
     monitor_stop_after_collapses: int = field(
         default=0,
@@ -140,6 +148,7 @@ class MonitorArguments:
             guard_tolerance=self.monitor_guard_tolerance,
             guard_patience=self.monitor_guard_patience,
             collapse_ratio=self.monitor_collapse_ratio,
+            majority_limit=self.monitor_majority_limit,
             stop_after_collapses=self.monitor_stop_after_collapses,
             stop_if_maps_worse=self.stop_if_maps_worse,
         )

@@ -85,7 +85,10 @@ class MonitorSettings:
         guard_metric: the metric the guard watches; None = the primary map metric (``energy_pointing_game`` with
             masks, else ``deletion_auc``).
         guard_tolerance, guard_patience: see :class:`~hf_clip_aft.interpret.monitor_metrics.MapGuard`.
-        collapse_ratio: warn when the embedding spread falls below this share of the base's.
+        collapse_ratio: collapse when the embedding spread falls below this share of the base's (0: never).
+        majority_limit: collapse when one class takes more than this share of the zero-shot predictions (and twice
+            the base's share); 1: never. A collapsed measurement warns, is never the best model, and is not exported
+            (see :class:`~hf_clip_aft.interpret.monitor.MapMonitorCallback`).
         stop_after_collapses: stop training after this many measurements in a row show collapse (the spread below
             `collapse_ratio` × the base's, or one class taking over the predictions); 0 (the default) = never stop
             for it. A collapsed encoder has been seen to recover (experiments/when_aft_helps, `collapse_world`:
@@ -103,6 +106,7 @@ class MonitorSettings:
     guard_tolerance: float = 0.02
     guard_patience: int = 2
     collapse_ratio: float = 0.25
+    majority_limit: float = 0.5
     stop_after_collapses: int = 0
     stop_if_maps_worse: bool = False
 
@@ -117,6 +121,8 @@ class MonitorSettings:
             raise ValueError(f"iou_fraction={self.iou_fraction} must lie in (0, 1).")
         if not 0 <= self.collapse_ratio < 1:
             raise ValueError(f"collapse_ratio={self.collapse_ratio} must lie in [0, 1).")
+        if not 0 < self.majority_limit <= 1:
+            raise ValueError(f"majority_limit={self.majority_limit} must lie in (0, 1] (1: never).")
         if self.stop_after_collapses < 0:
             raise ValueError(f"stop_after_collapses={self.stop_after_collapses} must be >= 0 (0: never stop).")
         if self.guard_tolerance < 0:
