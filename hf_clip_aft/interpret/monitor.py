@@ -291,8 +291,8 @@ class MapMonitorCallback(TrainerCallback, ExportableState):
                 f"the encoder is heading towards a constant output: embedding spread {values['embedding_spread']:.4f}"
                 f" vs base {base['embedding_spread']:.4f} (warning below {ratio} × the base's)."
             )
-        limit = max(self.monitor.settings.majority_limit, 2 * base["majority_share"])
-        if "majority_share" in values and values["majority_share"] > limit:
+        limit = self.monitor.settings.majority_limit
+        if "majority_share" in values and values["majority_share"] > max(limit, 2 * base["majority_share"]):
             problems.append(
                 f"one class takes over the predictions: {values['majority_share']:.1%} of the held-out images "
                 f"(base {base['majority_share']:.1%})."
