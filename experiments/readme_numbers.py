@@ -41,6 +41,8 @@ SCHEDULES = "benchmarks/results/schedules_vit-b-16.json"
 DISSECT_COST = "benchmarks/results/dissect-cost.json"
 DEFAULT_COMMAND = "benchmarks/results/default-command.json"
 MONITOR_COST = "benchmarks/results/monitor-cost-vit-b-16.json"
+COLLAPSE = "experiments/when_aft_helps/results_collapse/results.json"
+COLLAPSE_WORLD = "grid8_64px_cold_long"
 BENCHMARKS_MD = "benchmarks/RESULTS.md"
 # The paper's run: 2 epochs of ImageNet-1k's training set (images).
 PAPER_IMAGES = 2 * 1_281_167
@@ -404,6 +406,47 @@ def dissect_cost_claims() -> list[Claim]:
     ]
 
 
+def collapse_world_claims() -> list[Claim]:
+    """The bunched-embedding base of when_aft_helps' collapse_world, three seeds, with the monitor's current rules
+    (run ``aft_best``: no stop, the best non-collapsed checkpoint by energy pointing game, the base competing)."""
+    jobs = results_file(COLLAPSE)["jobs"]
+    runs = [jobs[f"{COLLAPSE_WORLD}/seed{seed}/full"] for seed in range(3)]
+    evaluations = [job["runs"]["aft_best"]["training_evaluation"] for job in runs]
+    collapsed = {tuple(e["collapsed_steps"]) for e in evaluations}
+    if len(collapsed) != 1:
+        raise ValueError(f"{COLLAPSE}: the seeds collapsed at different steps {sorted(collapsed)}; reword the pages.")
+    (steps,) = collapsed
+    after = min(h["step"] for e in evaluations for h in e["history"] if h["step"] > steps[-1])
+
+    def per_seed(values: list[float]) -> str:
+        return "/".join(f"{value:.3f}" for value in values)
+
+    def test_metric(name: str) -> str:
+        base = per_seed([job["base"][name] for job in runs])
+        return f"{base} → {per_seed([job['runs']['aft_best']['metrics'][name] for job in runs])}"
+
+    field = f"jobs[{COLLAPSE_WORLD}/seed0-2/full]"
+    return [
+        Claim(
+            f"collapsed at steps {' and '.join(map(str, steps))} and was no longer collapsed from step {after}",
+            COLLAPSE,
+            f"{field}.runs.aft_best.training_evaluation.collapsed_steps, .history[*].step",
+        ),
+        Claim(
+            "exported steps "
+            + ", ".join(str(e["exported_step"]) for e in evaluations[:-1])
+            + f" and {evaluations[-1]['exported_step']}",
+            COLLAPSE,
+            f"{field}.runs.aft_best.training_evaluation.exported_step",
+        ),
+        Claim(
+            f"energy pointing game {test_metric('energy_pointing_game')} and accuracy {test_metric('accuracy')}",
+            COLLAPSE,
+            f"{field}.base / .runs.aft_best.metrics: energy_pointing_game, accuracy",
+        ),
+    ]
+
+
 def default_command_claims() -> list[Claim]:
     """`python benchmarks/aft_step.py` as it is (ViT-B/32, batch 2, K = 10, library and naive) on the CPU."""
     report = results_file(DEFAULT_COMMAND)
@@ -473,6 +516,7 @@ def claims() -> list[Claim]:
         *dissect_cost_claims(),
         *default_command_claims(),
         *monitor_cost_claims(),
+        *collapse_world_claims(),
         *demo_timing_claims(),
     ]
 

@@ -92,7 +92,7 @@ class MonitorSettings:
         stop_after_collapses: stop training after this many measurements in a row show collapse (the spread below
             `collapse_ratio` × the base's, or one class taking over the predictions); 0 (the default) = never stop
             for it. A collapsed encoder has been seen to recover (experiments/when_aft_helps, `collapse_world`:
-            collapsed at steps 15-30, recovered by step 60), and a collapsed measurement is never exported (the
+            collapsed at steps 15 and 30, not from step 45), and a collapsed measurement is never exported (the
             callback's end rule), so stopping only saves compute.
         stop_if_maps_worse: stop training at the first warning (the guard firing, or collapse).
     """
