@@ -311,20 +311,19 @@ def test_verdict_known_answers():
     assert "Base → best → final: gini 0.5000 → 0.6000 → 0.4000." in text
 
 
-def test_train_command_monitors_and_cards_the_training_time_evaluation(tmp_path, capsys, caplog):
+def monitored_demo_run(out, *flags: str) -> None:
+    """The train command on the demo config for 2 steps, monitored at step 2 on 4 of its photos, plus `flags`."""
     from hf_clip_aft.cli import run_command
 
+    monitored = ["--output_dir", str(out), "--max_steps", "2", "--attack_steps", "2", "--monitor_steps", "2"]
+    # The photos have one split; a real run holds out a validation split.
+    monitored += ["--monitor_maps", "true", "--monitor_split", "train", "--monitor_max_images", "4"]
+    run_command("train", ["recipes/configs/demo.yaml", *monitored, *flags])
+
+
+def test_train_command_monitors_and_cards_the_training_time_evaluation(tmp_path, capsys, caplog):
     out = tmp_path / "out"
-    flags = {
-        "--output_dir": str(out),
-        "--max_steps": "2",
-        "--attack_steps": "2",
-        "--monitor_steps": "2",
-        "--monitor_maps": "true",
-        "--monitor_split": "train",  # the photos have one split; a real run holds out a validation split
-        "--monitor_max_images": "4",
-    }
-    run_command("train", ["recipes/configs/demo.yaml", *(x for pair in flags.items() for x in pair)])
+    monitored_demo_run(out)
     record = TrainingRecord.load(out)
     summary = record.training_evaluation
     assert summary["metric"] == "deletion_auc" and summary["num_images"] == 4 and summary["final_step"] == 2

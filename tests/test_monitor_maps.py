@@ -133,20 +133,10 @@ def test_a_method_the_monitor_cannot_run_is_refused_at_start_up(tiny):
 
 
 def test_train_command_monitors_with_clip_surgery(tmp_path):
-    from hf_clip_aft.cli import run_command
+    from test_monitor import monitored_demo_run
 
     out = tmp_path / "out"
-    flags = {
-        "--output_dir": str(out),
-        "--max_steps": "2",
-        "--attack_steps": "2",
-        "--monitor_steps": "2",
-        "--monitor_maps": "true",
-        "--monitor_method": "clip_surgery",
-        "--monitor_split": "train",
-        "--monitor_max_images": "4",
-    }
-    run_command("train", ["recipes/configs/demo.yaml", *(x for pair in flags.items() for x in pair)])
+    monitored_demo_run(out, "--monitor_method", "clip_surgery")
     summary = TrainingRecord.load(out).training_evaluation
     assert summary["method"] == "clip_surgery" and [entry["step"] for entry in summary["history"]] == [0, 2]
     assert all(math.isfinite(value) for entry in summary["history"] for value in entry.values())
